@@ -1,0 +1,92 @@
+"""The `cbmir` command: one sub-command per library function, no logic of its own beyond arguments, progress
+and turning a `CbmirError` into a one-line message and exit status 2."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import cv2
+import typer
+from tqdm import tqdm
+
+from cbmir.errors import CbmirError
+
+app = typer.Typer(help="Content-based retrieval of radiographs.", no_args_is_help=True, add_completion=False)
+irma_app = typer.Typer(help="IRMA codes: decode and check.", no_args_is_help=True)
+app.add_typer(irma_app, name="irma")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+
+
+def reports_errors(command: Callable) -> Callable:
+    """Print a user-caused error as one line naming the file or field, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CbmirError as error:
+            typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@reports_errors
+def synthetic(
+    out: Annotated[Path, typer.Argument(help="Folder to write the synthetic archive into.")],
+    per_kind: Annotated[int, typer.Option(min=1, help="Phantoms per kind (chest, hand, skull).")] = 8,
+    seed: int = 0,
+) -> None:
+    """Write a small SYNTHETIC archive (drawn phantoms, not medical images) in the IRMA layout."""
+    from cbmir.synthetic import write_synthetic_archive
+
+    folder = write_synthetic_archive(out, per_kind=per_kind, seed=seed)
+    typer.echo(f"wrote {per_kind * 3} synthetic phantoms (not medical images) to {folder}")
+
+
+@app.command()
+@reports_errors
+def preprocess(
+    source: Annotated[Path, typer.Argument(help="An image file or a folder (searched recursively).")],
+    out: Annotated[Path, typer.Argument(help="Folder for the preprocessed PNGs.")],
+    preset: Annotated[str, typer.Option(help="Table I preset: {resize,repetitive,constant}-{plain,enhanced}.")] = (
+        "constant-enhanced"
+    ),
+    size: Annotated[Optional[int], typer.Option(help="Output side in pixels (the preset's 512 if not given).")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help="nearest, linear, area, cubic or lanczos.")] = None,
+) -> None:
+    """Write preprocessed images for inspection. Colour PNGs show the layers as red = original,
+    green = CLAHE, blue = non-local means; a pipeline record is written beside them as preprocessing.json."""
+    from cbmir.imaging.io import ImageReadError, read_image
+    from cbmir.imaging.preprocess import preset as make_preset
+
+    overrides = {name: value for name, value in (("size", size), ("interpolation", interpolation)) if value}
+    pipeline = make_preset(preset, **overrides)
+    if not source.exists():
+        raise CbmirError(f"{source}: no such file or folder")
+    files = [source] if source.is_file() else sorted(
+        path for path in source.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise CbmirError(f"{source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preprocessing.json").write_text(pipeline.to_json() + "\n")
+    failures: list[str] = []
+    for path in tqdm(files, desc=f"preprocess ({preset})", unit="img"):
+        try:
+            layers = pipeline(read_image(path).pixels)
+        except ImageReadError as error:
+            failures.append(str(error))
+            continue
+        target = out / (path.relative_to(source).with_suffix(".png") if source.is_dir() else f"{path.stem}.png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(target), layers[..., ::-1])  # OpenCV writes BGR: reverse so red = channel 0
+    typer.echo(f"{len(files) - len(failures)} written to {out}, {len(failures)} failed")
+    for failure in failures:
+        typer.echo(f"  {failure}", err=True)
+    if failures:
+        raise typer.Exit(1)

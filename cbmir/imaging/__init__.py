@@ -1,0 +1,1 @@
+"""Reading radiographs into numpy arrays and preprocessing them for a model."""

@@ -1,0 +1,1 @@
+"""Batch indexing of radiograph archives (reader -> mapper -> writer); built in a later step."""
