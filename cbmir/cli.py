@@ -90,3 +90,23 @@ def preprocess(
         typer.echo(f"  {failure}", err=True)
     if failures:
         raise typer.Exit(1)
+
+
+@irma_app.command("decode")
+@reports_errors
+def irma_decode(
+    code: Annotated[str, typer.Argument(help="An IRMA code, e.g. 1121-127-700-500 (dashes optional, * = not known).")],
+    tables: Annotated[
+        Optional[Path], typer.Option(help="Folder with the IRMA tables A.csv..D.csv (default: $CBMIR_IRMA_TABLES).")
+    ] = None,
+) -> None:
+    """Print an IRMA code in words, axis by axis, from the most general level to the most specific."""
+    from cbmir.irma import AXES, CodeTables, IrmaCode
+
+    parsed = IrmaCode.parse(code)
+    code_tables = CodeTables.load(tables)
+    typer.echo(str(parsed))
+    for axis, texts in code_tables.decode(parsed).items():
+        typer.echo(f"  {axis:<12} {parsed[axis]:<5} {', '.join(texts)}")
+    for problem in code_tables.validate(parsed):
+        typer.echo(f"  note: {problem}")

@@ -3,6 +3,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from cbmir.cli import app
+from tests.conftest import shared_path
 
 runner = CliRunner()
 
@@ -40,3 +41,21 @@ def test_bad_preset_is_one_line_error(tmp_path):
     assert result.exit_code == 2
     assert "unknown preset 'fancy'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_irma_decode_prints_each_axis_in_words():
+    tables = shared_path("irma-code-tables")
+    result = runner.invoke(app, ["irma", "decode", "1121127700500", "--tables", str(tables)])
+    assert result.exit_code == 0, result.output
+    assert "1121-127-700-500" in result.output
+    assert "x-ray, plain radiography, analog, overview image" in result.output
+    assert "coronal, anteroposterior, supine" in result.output
+    assert "uropoietic system" in result.output
+
+
+def test_irma_decode_errors_name_the_problem(tmp_path, monkeypatch):
+    monkeypatch.delenv("CBMIR_IRMA_TABLES", raising=False)
+    result = runner.invoke(app, ["irma", "decode", "1121-127-700"])
+    assert result.exit_code == 2 and "1121-127-700" in result.output
+    result = runner.invoke(app, ["irma", "decode", "1121-127-700-500", "--tables", str(tmp_path)])
+    assert result.exit_code == 2 and "A.csv" in result.output and "Traceback" not in result.output
