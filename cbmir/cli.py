@@ -92,6 +92,22 @@ def preprocess(
         raise typer.Exit(1)
 
 
+@app.command()
+@reports_errors
+def dataset(
+    path: Annotated[Path, typer.Argument(help="An archive in a supported layout (IRMA folder, class folders, DICOM tree, .npz).")],
+    table: Annotated[Optional[Path], typer.Option(help="NIH ChestX-ray14 label table (Data_Entry CSV, .gz allowed).")] = None,
+) -> None:
+    """Read an archive and report its records, classes, splits and every problem found (missing files,
+    duplicate ids, unknown labels, invalid codes). Exits 1 when there are problems."""
+    from cbmir.datasets import open_dataset
+
+    report = open_dataset(path, **({"table": table} if table else {}))
+    typer.echo(report.summary())
+    if report.problems:
+        raise typer.Exit(1)
+
+
 @irma_app.command("decode")
 @reports_errors
 def irma_decode(

@@ -59,3 +59,15 @@ def test_irma_decode_errors_name_the_problem(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "1121-127-700" in result.output
     result = runner.invoke(app, ["irma", "decode", "1121-127-700-500", "--tables", str(tmp_path)])
     assert result.exit_code == 2 and "A.csv" in result.output and "Traceback" not in result.output
+
+
+def test_dataset_reports_records_and_problems(tmp_path):
+    runner.invoke(app, ["synthetic", str(tmp_path), "--per-kind", "2"])
+    result = runner.invoke(app, ["dataset", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "6 records" in result.output and "3 classes" in result.output
+    with (tmp_path / "codes.csv").open("a") as codes:
+        codes.write("ghost;1121-127-700-500\nbad;1121-127\n")
+    result = runner.invoke(app, ["dataset", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "missing-file" in result.output and "invalid-code" in result.output and "ghost" in result.output
