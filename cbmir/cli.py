@@ -4,6 +4,7 @@ and turning a `CbmirError` into a one-line message and exit status 2."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -106,6 +107,109 @@ def dataset(
     typer.echo(report.summary())
     if report.problems:
         raise typer.Exit(1)
+
+
+def _tables(folder: Optional[Path]):
+    """IRMA code tables from `folder` or $CBMIR_IRMA_TABLES, or None (with a note) when neither has them."""
+    from cbmir.irma import TABLES_ENV, CodeTables, CodeTablesNotFoundError
+
+    if folder is None and not os.environ.get(TABLES_ENV):
+        return None
+    try:
+        return CodeTables.load(folder)
+    except CodeTablesNotFoundError as error:
+        if folder is not None:
+            raise
+        typer.echo(f"note: {error}", err=True)
+        return None
+
+
+TablesOption = Annotated[
+    Optional[Path], typer.Option(help="Folder with the IRMA code tables A.csv..D.csv (default: $CBMIR_IRMA_TABLES).")
+]
+NihTableOption = Annotated[
+    Optional[Path], typer.Option("--nih-table", help="NIH ChestX-ray14 label table, for an NIH image folder.")
+]
+
+
+@app.command()
+@reports_errors
+def train(
+    data: Annotated[Path, typer.Argument(help="Training archive in a supported layout.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder to write.")],
+    recipe: Annotated[Optional[str], typer.Option(help="Start from a recipe: cpu-default or a paper's settings.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="JSON file of training settings (may name a recipe).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Registry model name (cbmir models).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="auto, single-label, multi-label or irma-axes.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="heads (frozen trunk, fast), finetune or full.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preprocessing preset, e.g. constant-enhanced.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (of the heads stage in heads/finetune mode).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam, adamw or sgd.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="packaged, none, or a trunk weights file.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in OUT.")] = False,
+    tables: TablesOption = None,
+    nih_table: NihTableOption = None,
+) -> None:
+    """Train a model and write a checkpoint folder (weights, model card, plots, evaluation reports)."""
+    from cbmir.datasets import open_dataset
+    from cbmir.train import TrainConfig, make_config, train as run_training
+
+    given = dict(model=model, task=task, mode=mode, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr,
+                 optimizer=optimizer, pretrained=pretrained, seed=seed)
+    overrides = {key: value for key, value in given.items() if value is not None}
+    settings = TrainConfig.from_file(config, **overrides) if config else make_config(recipe, **overrides)
+    dataset = open_dataset(data, **({"table": nih_table} if nih_table else {}))
+    typer.echo(dataset.summary())
+    checkpoint = run_training(dataset, settings, out, resume=resume, tables=_tables(tables))
+    typer.echo(f"checkpoint written to {out}")
+    for part, figures in checkpoint.card["metrics"].items():
+        typer.echo(f"  {part}: " + ", ".join(f"{key} {_fmt(value)}" for key, value in figures.items()))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} {_fmt(item)}" for key, item in value.items()) + "}"
+    return str(value)
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
+    data: Annotated[Path, typer.Argument(help="Labelled archive in a supported layout.")],
+    out: Annotated[Path, typer.Option(help="Folder for the reports and plots.")] = Path("evaluation"),
+    split: Annotated[Optional[str], typer.Option(help="Only this split of the archive (train, validation, test).")] = None,
+    tables: TablesOption = None,
+    nih_table: NihTableOption = None,
+) -> None:
+    """Evaluate a checkpoint: accuracy, loss, confusion matrix, per-class figures (and per IRMA axis with the
+    ImageCLEF error score), written as JSON, Markdown and PNG."""
+    from cbmir.checkpoint import load_checkpoint
+    from cbmir.datasets import open_dataset
+    from cbmir.evaluate import evaluate_dataset
+
+    loaded = load_checkpoint(checkpoint)
+    dataset = open_dataset(data, **({"table": nih_table} if nih_table else {}))
+    out.mkdir(parents=True, exist_ok=True)
+    headline = evaluate_dataset(loaded, dataset, out, _tables(tables), split=split)
+    typer.echo(", ".join(f"{key} {_fmt(value)}" for key, value in headline.items()))
+    typer.echo(f"reports written to {out}")
+
+
+@app.command("models")
+def list_registered_models() -> None:
+    """List the registry's models with their source, input size and embedding size."""
+    from cbmir.models import list_models, model_info
+
+    for name in list_models():
+        info = model_info(name)
+        weights = "ImageNet weights packaged" if info.pretrained else "no packaged weights"
+        typer.echo(f"{name:<24} input {info.input_size:<4} {weights:<26} {info.source}")
 
 
 @irma_app.command("decode")

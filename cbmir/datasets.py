@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from cbmir.errors import CbmirError
+from cbmir.imaging.io import read_image
 from cbmir.irma import IrmaCode, IrmaCodeError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"})
@@ -90,6 +91,10 @@ class Record:
         object.__setattr__(self, "path", Path(self.path))
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+
+    def __reduce__(self):
+        # A MappingProxyType does not pickle; rebuild from a plain dict so records can go to worker processes.
+        return (Record, (self.id, self.path, self.labels, self.source, self.split, self.index, dict(self.extra)))
 
     @property
     def label(self) -> str:
@@ -562,6 +567,14 @@ def load_medmnist_image(record: Record) -> np.ndarray:
     if image.dtype != np.uint8:
         raise DatasetError(f"{record.path}: images are {image.dtype}, expected uint8")
     return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+
+
+def load_pixels(record: Record) -> np.ndarray:
+    """The 2-D pixel array of any record: its row of a MedMNIST archive, or its image file (which may raise
+    `ImageReadError` naming the file and the reason)."""
+    if record.index is not None:
+        return load_medmnist_image(record)
+    return read_image(record.path).pixels
 
 
 # --- detection --------------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Evaluating a checkpoint on labelled radiographs: the report radiology papers show (accuracy, loss,
+confusion matrix, per-class sensitivity ... balanced accuracy), ROC-AUC per finding for multi-label chest
+data, and for IRMA codes the accuracy per axis and of the full code with the ImageCLEF error score.
+Written as JSON and Markdown beside a confusion-matrix PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbmir.checkpoint import Checkpoint
+from cbmir.datasets import Dataset
+from cbmir.embed import run_model
+from cbmir.irma import CodeTables, IrmaCode, IrmaCodeError, run_error_score
+from cbmir.labels import LABEL_HEAD, decode_predictions, probabilities_from_logits
+from cbmir.metrics import classification_report, irma_report, multilabel_report, plot_confusion_matrix, write_report
+from cbmir.train import PreparedImages, prepare_images
+
+# Candidate thresholds for stopping an IRMA axis early with '*'.
+THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
+
+
+def predict_part(checkpoint: Checkpoint, part: PreparedImages) -> dict[str, np.ndarray]:
+    _, logits = run_model(checkpoint.model, iter(part.images))
+    return probabilities_from_logits(checkpoint.schema, logits)
+
+
+def choose_irma_threshold(checkpoint: Checkpoint, part: PreparedImages, tables: CodeTables | None) -> tuple[float, str]:
+    """The `*` threshold that minimises the ImageCLEF error score on `part` (validation images)."""
+    if tables is None:
+        return 0.0, "no IRMA code tables given: predictions never stop early with '*'"
+    probabilities = predict_part(checkpoint, part)
+    truth = [record.labels[0] for record in part.records]
+    scores = {}
+    for threshold in THRESHOLDS:
+        predicted = decode_predictions(checkpoint.schema, probabilities, irma_threshold=float(threshold))
+        scores[float(threshold)] = run_error_score(zip(truth, [p.label for p in predicted]), tables)
+    best = min(scores, key=lambda t: (scores[t], t))
+    return best, (f"chosen on {len(truth)} validation images: error score {scores[best]:.3f} at threshold {best} "
+                  f"(never stopping: {scores[0.0]:.3f})")
+
+
+def evaluate_images(
+    checkpoint: Checkpoint, part: PreparedImages, tables: CodeTables | None, out: Path, name: str
+) -> dict[str, Any]:
+    """Evaluate on preprocessed images. Writes `name`.json/.md into `out` with a section per report
+    (classification, findings, irma, and one per IRMA axis) and `name`-confusion.png; returns the headline."""
+    schema = checkpoint.schema
+    probabilities = predict_part(checkpoint, part)
+    labels = [record.labels for record in part.records]
+    sections: dict[str, dict[str, Any]] = {}
+    headline: dict[str, Any] = {"images": len(labels)}
+    if schema.task == "multi-label":
+        targets = schema.targets(labels)[LABEL_HEAD].astype(bool)
+        sections["findings"] = multilabel_report(targets, probabilities[LABEL_HEAD], schema.heads[LABEL_HEAD])
+        headline["macro_roc_auc"] = sections["findings"]["averages"]["macro"].get("roc_auc")
+    else:
+        heads = [LABEL_HEAD] if schema.task == "single-label" else list(schema.heads)
+        headline["loss"] = 0.0
+        for head in heads:
+            section = "classification" if head == LABEL_HEAD else f"axis-{head}"
+            sections[section] = _head_report(schema.heads[head], [lab[0] for lab in labels], probabilities[head],
+                                             axis=None if head == LABEL_HEAD else head)
+            headline["loss"] += sections[section]["log_loss"]
+        headline["accuracy"] = sections["classification"]["accuracy"] if "classification" in sections else None
+        shown = "classification" if "classification" in sections else "axis-anatomical"
+        plot_confusion_matrix(np.array(sections[shown]["confusion_matrix"]), sections[shown]["classes"],
+                              out / f"{name}-confusion.png", title=f"{name}: {shown}")
+    if schema.task == "irma-axes" or (schema.task == "single-label" and _all_irma(labels)):
+        predictions = decode_predictions(schema, probabilities, irma_threshold=checkpoint.irma_threshold)
+        sections["irma"] = irma_report([lab[0] for lab in labels], [p.label for p in predictions], tables)
+        headline["accuracy"] = sections["irma"]["accuracy"]
+        headline["axis_accuracy"] = sections["irma"]["axis_accuracy"]
+        if "mean_error_score" in sections["irma"]:
+            headline["mean_error_score"] = sections["irma"]["mean_error_score"]
+    write_report(sections, out, name)
+    return headline
+
+
+def _head_report(classes, labels: list[str], probabilities: np.ndarray, axis: str | None) -> dict[str, Any]:
+    """The classification report of one head; images whose label is outside the head's classes (a code never
+    seen in training) count in `not_in_schema` and are left out of the per-class figures."""
+    values = [IrmaCode.parse(label)[axis] for label in labels] if axis else labels
+    index = {name: i for i, name in enumerate(classes)}
+    known = [i for i, value in enumerate(values) if value in index]
+    targets = np.array([index[values[i]] for i in known], np.int64)
+    report = classification_report(targets, probabilities[known].argmax(1), classes, probabilities[known])
+    report["not_in_schema"] = len(values) - len(known)
+    return report
+
+
+def _all_irma(labels) -> bool:
+    try:
+        return all(IrmaCode.parse(lab[0]).is_complete for lab in labels)
+    except IrmaCodeError:
+        return False
+
+
+def evaluate_dataset(checkpoint: Checkpoint, dataset: Dataset, out: Path, tables: CodeTables | None,
+                     split: str | None = None, name: str = "evaluation") -> dict[str, Any]:
+    """Evaluate on a dataset (or one split of it) read by `cbmir.datasets`."""
+    records = [r for r in dataset.records if split is None or r.split == split]
+    part = prepare_images(records, checkpoint.pipeline, Path(out) / "cache", f"preprocess {dataset.name}")
+    return evaluate_images(checkpoint, part, tables, Path(out), name)

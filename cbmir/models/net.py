@@ -1,0 +1,208 @@
+"""The network every registry entry builds, `RadiographNet`:
+
+    0..255 image -> input scaling -> trunk (pooled features) -> neck (optional Linear + ReLU) -> heads
+
+The neck's output (the trunk's, where there is no neck) is the penultimate layer: its activations are the
+embedding used for similarity search, and every head is one layer on top of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbmir.errors import CbmirError
+
+
+class ModelError(CbmirError):
+    """An unknown model, a bad head or option, an input of the wrong shape, or weights that do not fit."""
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """One forward pass: `logits` maps each head name to N x n_classes raw logits (log-probabilities for the
+    two-stage cascade, which `cross_entropy` treats the same way); `features` is the N x embedding_dim
+    penultimate layer, not normalised."""
+
+    logits: dict[str, torch.Tensor]
+    features: torch.Tensor
+
+
+class InputScaling(nn.Module):
+    """(x - offset) / divisor, per channel or for all three: maps 0..255 pixels to the range the trunk's
+    source trained on. The constants are buffers outside the state dict, so weight files hold weights only."""
+
+    def __init__(self, offset: float | Sequence[float], divisor: float | Sequence[float]):
+        super().__init__()
+        self.register_buffer("offset", torch.tensor(offset, dtype=torch.float32).reshape(-1, 1, 1), persistent=False)
+        self.register_buffer("divisor", torch.tensor(divisor, dtype=torch.float32).reshape(-1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.offset) / self.divisor
+
+    def extra_repr(self) -> str:
+        return f"offset={self.offset.flatten().tolist()}, divisor={self.divisor.flatten().tolist()}"
+
+
+@dataclass(frozen=True)
+class Trunk:
+    """A feature extractor and what the registry knows about it.
+
+    `module` maps scaled N x 3 x H x W images to N x `out_features` pooled features. `blocks` names its
+    parameterised stages from input to output, each a tuple of submodule names; together they cover every
+    trunk parameter, and `RadiographNet.set_trainable` counts them. `source_head` holds the key prefixes of the
+    source model's own classifier, which the trunk dropped: a checkpoint of the whole source model (say a
+    torchvision ImageNet file) loads into the trunk with those keys skipped.
+    """
+
+    module: nn.Module
+    out_features: int
+    blocks: tuple[tuple[str, ...], ...]
+    source_head: tuple[str, ...] = ()
+
+
+class LinearHeads(nn.Module):
+    """One Linear layer per head on the shared features, giving raw logits (softmax belongs to the loss)."""
+
+    def __init__(self, in_features: int, sizes: Mapping[str, int]):
+        super().__init__()
+        self.sizes = dict(sizes)
+        self.layers = nn.ModuleDict({name: nn.Linear(in_features, n) for name, n in sizes.items()})
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: layer(features) for name, layer in self.layers.items()}
+
+
+class RadiographNet(nn.Module):
+    """Trunk, optional neck and heads, with the trunk's own input scaling built in.
+
+    Inputs are float N x 3 x input_size x input_size tensors with values 0..255. `heads` is any module that
+    maps the features to a dict of logits and has `sizes` (head name -> number of classes).
+
+    Freezing for head-only training and fine-tuning: `set_trainable(k)` makes the neck, the heads and the last
+    k trunk blocks trainable (0: trunk frozen; -1: everything). BatchNorm layers whose parameters are frozen
+    then stay in eval mode, also under `model.train()` (this class overrides `train`): they normalise with
+    their stored running statistics and never update them, as the frozen weights around them expect.
+    """
+
+    def __init__(
+        self,
+        trunk: Trunk,
+        heads: nn.Module,
+        *,
+        input_size: int,
+        scaling: InputScaling,
+        neck_dim: int | None,
+    ):
+        super().__init__()
+        self.input_size = input_size
+        self.scaling = scaling
+        self.trunk = trunk.module
+        self.trunk_dim = trunk.out_features
+        if neck_dim is None:
+            self.neck: nn.Module = nn.Identity()
+            self.embedding_dim = trunk.out_features
+        else:
+            self.neck = nn.Sequential(nn.Linear(trunk.out_features, neck_dim), nn.ReLU())
+            self.embedding_dim = neck_dim
+        self.heads = heads
+        self.head_sizes: dict[str, int] = dict(heads.sizes)
+        self._blocks = trunk.blocks
+        self._source_head = trunk.source_head
+        # The create_model arguments that rebuild this architecture (without weights): create_model(**config).
+        self.config: dict[str, Any] = {}
+
+    @property
+    def n_trunk_blocks(self) -> int:
+        """How many trunk blocks `set_trainable` can unfreeze."""
+        return len(self._blocks)
+
+    def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled trunk output before the neck, N x trunk_dim: what to cache for head-only training."""
+        if not (
+            isinstance(x, torch.Tensor)
+            and x.is_floating_point()
+            and x.dim() == 4
+            and x.shape[1] == 3
+            and x.shape[2] == x.shape[3] == self.input_size
+        ):
+            got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            size = self.input_size
+            raise ModelError(f"model input must be a float tensor N x 3 x {size} x {size} (values 0..255), got {got}")
+        return self.trunk(self.scaling(x))
+
+    def head_forward(self, trunk_features: torch.Tensor) -> ModelOutput:
+        """Neck and heads on (cached) trunk features."""
+        features = self.neck(trunk_features)
+        return ModelOutput(logits=self.heads(features), features=features)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return self.head_forward(self.trunk_features(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features scaled to unit L2 norm, N x embedding_dim: the search vectors."""
+        return F.normalize(self.neck(self.trunk_features(x)), dim=1)
+
+    def set_trainable(self, trunk_blocks: int) -> None:
+        """Train the neck, the heads and the last `trunk_blocks` trunk blocks; freeze the rest of the trunk.
+        0 freezes the whole trunk, -1 trains everything."""
+        n = len(self._blocks)
+        if isinstance(trunk_blocks, bool) or not isinstance(trunk_blocks, int) or not -1 <= trunk_blocks <= n:
+            raise ModelError(
+                f"trunk_blocks {trunk_blocks!r} is out of range: this trunk has {n} blocks, so give -1 (all), "
+                f"0 (trunk frozen) or 1..{n}"
+            )
+        self.trunk.requires_grad_(trunk_blocks == -1)
+        unfrozen = self._blocks[n - trunk_blocks :] if trunk_blocks > 0 else ()
+        for block in unfrozen:
+            for name in block:
+                self.trunk.get_submodule(name).requires_grad_(True)
+        self.neck.requires_grad_(True)
+        self.heads.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> RadiographNet:
+        """As `nn.Module.train`, but BatchNorm layers with frozen parameters stay in eval mode."""
+        super().train(mode)
+        if mode:
+            for module in self.trunk.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters(recurse=False)
+                ):
+                    module.eval()
+        return self
+
+    def load_trunk_state(self, state: Mapping[str, torch.Tensor], origin: str) -> None:
+        """Load a trunk state dict strictly: every trunk tensor present with its shape and no other key, except
+        keys of the source model's classifier (see `Trunk.source_head`), which are skipped. `origin` names
+        where the weights come from, for the error message."""
+        state = {key: value for key, value in state.items() if not key.startswith(self._source_head)}
+        expected = self.trunk.state_dict()
+        missing = [key for key in expected if key not in state]
+        unexpected = [key for key in state if key not in expected]
+        reshaped = [
+            f"{key} {tuple(state[key].shape)} where the trunk has {tuple(value.shape)}"
+            for key, value in expected.items()
+            if key in state and state[key].shape != value.shape
+        ]
+        problems = [
+            f"{label} {_listing(keys)}"
+            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", reshaped))
+            if keys
+        ]
+        if problems:
+            raise ModelError(
+                f"{origin} does not fit the model's trunk: {'; '.join(problems)} "
+                "(a trunk weights file is what torch.save(model.trunk.state_dict(), path) writes)"
+            )
+        self.trunk.load_state_dict(state, strict=True)
+
+
+def _listing(items: list[str], shown: int = 5) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
