@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
 import shutil
 import tempfile
@@ -118,7 +119,7 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, EOFError, OSError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"{weights_path}: weights do not load into {name} ({str(error).splitlines()[0]})") from None
     model.eval()
     return Checkpoint(model, card, folder)

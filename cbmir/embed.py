@@ -29,7 +29,7 @@ def default_device() -> torch.device:
 
 def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 N x H x W x 3 preprocessed images to a float N x 3 x H x W tensor (0..255) in channels_last."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
+    tensor = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float()
     return tensor.contiguous(memory_format=torch.channels_last)
 
 

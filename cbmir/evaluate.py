@@ -5,6 +5,7 @@ Written as JSON and Markdown beside a confusion-matrix PNG."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,15 @@ import numpy as np
 from cbmir.checkpoint import Checkpoint
 from cbmir.datasets import Dataset
 from cbmir.embed import run_model
+from cbmir.errors import CbmirError
 from cbmir.irma import CodeTables, IrmaCode, IrmaCodeError, run_error_score
 from cbmir.labels import LABEL_HEAD, decode_predictions, probabilities_from_logits
 from cbmir.metrics import classification_report, irma_report, multilabel_report, plot_confusion_matrix, write_report
 from cbmir.train import PreparedImages, prepare_images
+
+class EvaluationError(CbmirError):
+    """Nothing to evaluate, or data that does not fit the checkpoint."""
+
 
 # Candidate thresholds for stopping an IRMA axis early with '*'.
 THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
@@ -69,12 +75,16 @@ def evaluate_images(
         plot_confusion_matrix(np.array(sections[shown]["confusion_matrix"]), sections[shown]["classes"],
                               out / f"{name}-confusion.png", title=f"{name}: {shown}")
     if schema.task == "irma-axes" or (schema.task == "single-label" and _all_irma(labels)):
-        predictions = decode_predictions(schema, probabilities, irma_threshold=checkpoint.irma_threshold)
-        sections["irma"] = irma_report([lab[0] for lab in labels], [p.label for p in predictions], tables)
+        # Accuracy counts the most likely code; the error score is that of the prediction as given, which may
+        # stop early with '*' (the checkpoint's threshold), when it does.
+        truth = [lab[0] for lab in labels]
+        for section, threshold in (("irma", 0.0), ("irma-with-unknown", checkpoint.irma_threshold)):
+            if section == "irma" or threshold > 0:
+                predictions = decode_predictions(schema, probabilities, irma_threshold=threshold)
+                sections[section] = irma_report(truth, [p.label for p in predictions], tables)
+                headline["mean_error_score"] = sections[section].get("mean_error_score")
         headline["accuracy"] = sections["irma"]["accuracy"]
         headline["axis_accuracy"] = sections["irma"]["axis_accuracy"]
-        if "mean_error_score" in sections["irma"]:
-            headline["mean_error_score"] = sections["irma"]["mean_error_score"]
     write_report(sections, out, name)
     return headline
 
@@ -100,7 +110,20 @@ def _all_irma(labels) -> bool:
 
 def evaluate_dataset(checkpoint: Checkpoint, dataset: Dataset, out: Path, tables: CodeTables | None,
                      split: str | None = None, name: str = "evaluation") -> dict[str, Any]:
-    """Evaluate on a dataset (or one split of it) read by `cbmir.datasets`."""
-    records = [r for r in dataset.records if split is None or r.split == split]
+    """Evaluate on a dataset read by `cbmir.datasets`, or on one split of it: the dataset's own split, or
+    for a dataset without one, the split the checkpoint was trained with (its split.json)."""
+    records = dataset.records
+    if split is not None:
+        records = [r for r in records if r.split == split] or _checkpoint_split(checkpoint, dataset, split)
+    if not records:
+        raise EvaluationError(f"no records to evaluate in {dataset.name}" + (f" (split {split!r})" if split else ""))
     part = prepare_images(records, checkpoint.pipeline, Path(out) / "cache", f"preprocess {dataset.name}")
     return evaluate_images(checkpoint, part, tables, Path(out), name)
+
+
+def _checkpoint_split(checkpoint: Checkpoint, dataset: Dataset, split: str) -> list:
+    listing = checkpoint.path / "split.json" if checkpoint.path else None
+    if listing is None or not listing.is_file():
+        return []
+    ids = set(json.loads(listing.read_text()).get(split, []))
+    return [record for record in dataset.records if record.id in ids]

@@ -101,7 +101,9 @@ class LabelSchema:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LabelSchema:
         try:
-            return cls(data["task"], {head: tuple(classes) for head, classes in data["heads"].items()})
+            heads = data["heads"]
+            order = AXES if data["task"] == "irma-axes" else list(heads)  # JSON with sorted keys loses the order
+            return cls(data["task"], {head: tuple(heads[head]) for head in order})
         except (KeyError, TypeError, AttributeError) as error:
             raise LabelError(f"malformed label schema record ({error!r})") from None
 

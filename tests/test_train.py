@@ -1,0 +1,198 @@
+"""Training, checkpoints, the embedder and evaluation, on tiny synthetic phantoms (three IRMA codes)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import cbmir.train as training
+from cbmir.checkpoint import CheckpointError, load_checkpoint
+from cbmir.datasets import Dataset, Record, open_dataset
+from cbmir.embed import Embedder
+from cbmir.irma import CodeTables
+from cbmir.models import ModelError
+from cbmir.synthetic import write_synthetic_archive
+from cbmir.train import TrainConfig, TrainingError, make_config, train
+from tests.conftest import shared_path
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return write_synthetic_archive(tmp_path_factory.mktemp("phantoms"), per_kind=8, longest_side=96, seed=1)
+
+
+def small_cnn(**overrides) -> TrainConfig:
+    """The 64-px chest CNN from scratch: fast enough for tests."""
+    return make_config("chowdhury-chest", **{"epochs": 3, "batch_size": 8, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("checkpoint")
+    return train(open_dataset(archive), small_cnn(), out), out
+
+
+def test_training_writes_a_complete_checkpoint_folder(trained):
+    checkpoint, out = trained
+    for name in ("model.pt", "card.json", "split.json", "history.png", "test.json", "test.md", "test-confusion.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*training-state.pt"))
+    card = json.loads((out / "card.json").read_text())
+    assert card["architecture"]["name"] == "chest-cnn-chowdhury"
+    assert card["labels"]["task"] == "irma-axes"
+    assert card["preprocessing"]["size"] == 64 and card["preprocessing"]["padding"] == "none"
+    assert len(card["training"]["data"]) == 64  # sha256 of the training records
+    assert card["training"]["config"]["lr"] == 1e-3 and card["training"]["config"]["optimizer"] == "adam"
+    assert {"torch", "numpy", "cbmir"} <= set(card["versions"])
+    assert len(card["training"]["history"]) == 3
+    assert set(card["metrics"]) == {"validation", "test"}
+    split = json.loads((out / "split.json").read_text())
+    assert sum(len(ids) for ids in split.values()) == 24
+
+
+def test_a_checkpoint_reproduces_its_metrics_in_a_fresh_process(trained, archive, tmp_path):
+    _, out = trained
+    recorded = json.loads((out / "card.json").read_text())["metrics"]["test"]
+    script = (
+        "import json, sys; from pathlib import Path\n"
+        "from cbmir.checkpoint import load_checkpoint; from cbmir.datasets import open_dataset\n"
+        "from cbmir.evaluate import evaluate_dataset\n"
+        "figures = evaluate_dataset(load_checkpoint(sys.argv[1]), open_dataset(sys.argv[2]), Path(sys.argv[3]),"
+        " None, split='test')\n"
+        "print(json.dumps(figures))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(out), str(archive), str(tmp_path)],
+                            capture_output=True, text=True, check=True)
+    again = json.loads(result.stdout.strip().splitlines()[-1])
+    assert again["images"] == recorded["images"]
+    assert again["accuracy"] == pytest.approx(recorded["accuracy"])
+    assert again["axis_accuracy"] == pytest.approx(recorded["axis_accuracy"])
+    assert again["loss"] == pytest.approx(recorded["loss"], rel=1e-5)
+
+
+def test_embedder_gives_unit_vectors_and_irma_predictions(trained, archive):
+    _, out = trained
+    embedder = Embedder(load_checkpoint(out), batch_size=4)
+    pixels = [np.full((80, 60), value, np.uint8) for value in (10, 120, 250)]
+    embeddings, predictions = embedder.embed_and_predict(pixels)
+    assert embeddings.vectors.shape == (3, embedder.dimension) and embeddings.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings.vectors, axis=1), 1.0, rtol=1e-5)
+    assert all(len(p.label) == 16 and set(p.axes) == {"technical", "directional", "anatomical", "biological"}
+               for p in predictions)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(archive, tmp_path, monkeypatch):
+    config = small_cnn(epochs=4, patience=10)
+    dataset = open_dataset(archive)
+    reference = train(dataset, config, tmp_path / "whole").model.state_dict()
+
+    real_evaluate_feed, calls = training.evaluate_feed, []
+
+    def killed_in_epoch_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate_feed(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_feed", killed_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset, config, tmp_path / "interrupted")
+    monkeypatch.setattr(training, "evaluate_feed", real_evaluate_feed)
+    resumed = train(dataset, config, tmp_path / "interrupted", resume=True)
+    assert len(resumed.card["training"]["history"]) == 4
+    for key, value in reference.items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)
+
+
+def test_resuming_with_other_settings_is_refused(archive, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "evaluate_feed", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train(open_dataset(archive), small_cnn(), tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(TrainingError, match="other settings"):
+        train(open_dataset(archive), small_cnn(lr=0.5), tmp_path, resume=True)
+
+
+def test_heads_mode_trains_on_cached_features_of_the_pretrained_lite0(archive, tmp_path):
+    config = make_config(epochs=3, views=2, embedding_dim=64, batch_size=8)
+    checkpoint = train(open_dataset(archive), config, tmp_path)
+    assert checkpoint.card["architecture"]["name"] == "efficientnet-lite0"
+    assert checkpoint.model.embedding_dim == 64
+    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2  # train views, validation
+    trunk = [name for name, _ in checkpoint.model.named_parameters() if name.startswith("trunk.")]
+    loaded = load_checkpoint(tmp_path)
+    pretrained = training.create_model("efficientnet-lite0", loaded.schema.head_sizes, pretrained=True,
+                                       embedding_dim=64)
+    for name in trunk[:5]:  # the frozen trunk is still the ImageNet one
+        torch.testing.assert_close(loaded.model.get_parameter(name), pretrained.get_parameter(name))
+
+
+def test_multi_label_training_reports_roc_auc(archive, tmp_path):
+    rows = [line.split(";") for line in (archive / "codes.csv").read_text().splitlines()[1:]]
+    findings = {"1123-127-500-000": ("Effusion",), "1121-110-411-700": (), "1121-120-200-700": ("Effusion", "Mass")}
+    records = [Record(image_id, archive / "images" / f"{image_id}.png", findings[code], "phantoms")
+               for image_id, code in rows]
+    dataset = Dataset("phantoms", records, "multi-label", ("Effusion", "Mass"))
+    checkpoint = train(dataset, small_cnn(), tmp_path)
+    assert checkpoint.schema.task == "multi-label"
+    report = json.loads((tmp_path / "test.json").read_text())
+    assert set(report["findings"]["per_class"]) == {"Effusion", "Mass"}
+
+
+def test_the_irma_threshold_is_chosen_on_validation_with_the_code_tables(archive, tmp_path):
+    tables = CodeTables.load(shared_path("irma-code-tables"))
+    checkpoint = train(open_dataset(archive), small_cnn(epochs=1), tmp_path, tables=tables)
+    assert 0.0 <= checkpoint.card["irma_threshold"] < 1.0
+    assert "validation images" in checkpoint.card["irma_threshold_note"]
+    assert "mean_error_score" in checkpoint.card["metrics"]["test"]
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: make_config(model="vgg99"), ModelError, "unknown model 'vgg99'"),
+        (lambda: make_config(recipe="fast"), TrainingError, "unknown recipe 'fast'"),
+        (lambda: make_config(colour=True), TrainingError, "unknown training setting"),
+        (lambda: make_config(mode="turbo"), TrainingError, "mode 'turbo'"),
+        (lambda: make_config(lr=0), TrainingError, "lr must be positive"),
+        (lambda: make_config(split=(0.5, 0.5, 0.5)), TrainingError, "split must be"),
+        (lambda: make_config(model="chest-cnn-chowdhury"), TrainingError, "needs pretrained weights"),
+    ],
+)
+def test_bad_settings_fail_before_training(archive, tmp_path, make, error, message):
+    with pytest.raises(error, match=message):
+        train(open_dataset(archive), make(), tmp_path)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unusable_datasets_fail_before_training(archive, tmp_path):
+    empty = Dataset("empty", [], "single-label", ())
+    with pytest.raises(TrainingError, match="no usable records"):
+        train(empty, small_cnn(), tmp_path)
+    one_class = [Record(f"r{i}", archive / "images" / "x.png", ("normal",), "x") for i in range(10)]
+    with pytest.raises(Exception, match="at least 2"):
+        train(Dataset("one", one_class, "single-label", ("normal",)), small_cnn(task="single-label"), tmp_path)
+
+
+def test_config_file_with_a_recipe_and_overrides(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"recipe": "tripathi-small", "epochs": 2}))
+    config = TrainConfig.from_file(path, seed=7)
+    assert (config.model, config.lr, config.batch_size, config.epochs, config.seed) == (
+        "small-cnn-tripathi", 1e-4, 32, 2, 7)
+    path.write_text("[1, 2]")
+    with pytest.raises(TrainingError, match="expected a JSON object"):
+        TrainConfig.from_file(path)
+
+
+def test_loading_a_broken_checkpoint_names_the_problem(trained, tmp_path):
+    with pytest.raises(CheckpointError, match="card.json is missing"):
+        load_checkpoint(tmp_path)
+    _, out = trained
+    (tmp_path / "card.json").write_text((out / "card.json").read_text())
+    (tmp_path / "model.pt").write_bytes(b"not weights")
+    with pytest.raises(CheckpointError, match="weights do not load"):
+        load_checkpoint(tmp_path)
