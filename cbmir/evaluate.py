@@ -82,7 +82,8 @@ def evaluate_images(
             if section == "irma" or threshold > 0:
                 predictions = decode_predictions(schema, probabilities, irma_threshold=threshold)
                 sections[section] = irma_report(truth, [p.label for p in predictions], tables)
-                headline["mean_error_score"] = sections[section].get("mean_error_score")
+                if "mean_error_score" in sections[section]:
+                    headline["mean_error_score"] = sections[section]["mean_error_score"]
         headline["accuracy"] = sections["irma"]["accuracy"]
         headline["axis_accuracy"] = sections["irma"]["axis_accuracy"]
     write_report(sections, out, name)

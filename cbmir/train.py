@@ -446,7 +446,7 @@ def run_stage(
         history.append(record)
         tqdm.write(f"{stage} epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.3f}"
                    f" | val loss {val_loss:.4f} acc {val_accuracy:.3f}")
-        if val_loss < best_loss - 1e-6:
+        if best_loss - val_loss > max(1e-4, 1e-3 * best_loss):  # a real improvement, not rounding noise
             best_loss, stale = val_loss, 0
             best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
         else:

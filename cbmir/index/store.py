@@ -1,0 +1,552 @@
+"""The image store: one SQLite file (WAL mode) that is the source of truth of an index folder.
+
+One row per image holds its location, content hash, size, dataset, true and predicted code or label, extra
+labels and metadata, and the embedding itself, so the FAISS index can always be rebuilt from this file
+alone. Ids come from ``AUTOINCREMENT`` and are never reused, even after removal: an id always means the
+same image, which is what lets the vector index catch up with the store after a crash.
+
+Each IRMA axis of the true, the predicted and the "best" code (the true code where known, else the
+predicted one) has its own indexed column, so an axis-prefix filter is an index range scan
+(``GLOB 'prefix*'``) rather than a table scan. A code counts as IRMA when it has the dashed shape
+``TTTT-DDD-AAA-BBB``; any other text (a chest class, NIH findings) is a plain label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbmir.errors import CbmirError
+from cbmir.irma import AXES, AXIS_LENGTHS, IrmaCode, IrmaCodeError, matches
+
+SCHEMA_VERSION = 1
+SOURCES = {"best": "best", "true": "true", "predicted": "pred"}  # Filters.on -> column prefix
+_AXIS_SUFFIX = {"technical": "t", "directional": "d", "anatomical": "a", "biological": "b"}
+_FILTER_AXES = {"technical": "technical", "directional": "directional", "anatomy": "anatomical", "biology": "biological"}
+_IRMA_SHAPE = re.compile("-".join(f"[^-]{{{AXIS_LENGTHS[axis]}}}" for axis in AXES))
+_HASH = re.compile(r"[0-9a-f]{64}")
+_ZERO_CODE = IrmaCode("0000", "000", "000", "000")
+_ID_CHUNK = 10_000
+
+# Public fields of `Store.get`, and how each is read back from its column.
+_JSON_FIELDS = {"confidences", "extra"}
+FIELDS = (
+    "id", "location", "content_hash", "width", "height", "dataset", "true_code", "predicted",
+    "confidences", "confidence", "labels", "extra", "embedding", "added_at",
+)  # fmt: skip
+
+
+class SearchIndexError(CbmirError):
+    """A problem with an index folder or with a request made to it."""
+
+
+class IndexMismatchError(SearchIndexError):
+    """Vectors of another model or dimension than the index holds."""
+
+
+class IndexConfigError(SearchIndexError):
+    """An index folder that cannot be opened as asked: bad index type, locked, unreadable or too new."""
+
+
+class EntryError(SearchIndexError):
+    """An image entry that cannot be stored; the message names the entry."""
+
+
+class DuplicateImageError(EntryError):
+    """An entry whose content hash is already stored, or given twice in one batch."""
+
+
+class QueryError(SearchIndexError):
+    """A bad request: unknown id or field, invalid filter, k or query vector."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageEntry:
+    """One image to add. `true_code` and `predicted` are dashed IRMA codes or plain labels (a chest class);
+    `confidences` maps IRMA axes or class names to probabilities; `labels` are extra labels such as NIH
+    findings; `extra` is free metadata, which must never hold patient-identifying tags."""
+
+    location: str
+    content_hash: str
+    width: int
+    height: int
+    dataset: str
+    embedding: np.ndarray
+    true_code: str | None = None
+    predicted: str | None = None
+    confidences: Mapping[str, float] = field(default_factory=dict)
+    confidence: float | None = None
+    labels: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Restrictions of a search, all combined with AND; None means "any".
+
+    `technical`, `directional`, `anatomy` and `biology` are IRMA axis prefixes (anatomy ``9``: any leg
+    region); `code` is a full IRMA code. They apply to the code chosen by `on`: ``best`` (the true code
+    where known, else the predicted one), ``true`` or ``predicted``. `dataset` must equal the image's
+    dataset; `label` matches the true label or any extra label, ignoring case.
+    """
+
+    technical: str | None = None
+    directional: str | None = None
+    anatomy: str | None = None
+    biology: str | None = None
+    code: str | None = None
+    on: str = "best"
+    dataset: str | None = None
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, axis in _FILTER_AXES.items():
+            prefix = getattr(self, name)
+            if prefix is None:
+                continue
+            try:
+                matches(_ZERO_CODE, axis, prefix)  # validates the prefix; the code it is tested on is irrelevant
+            except IrmaCodeError as error:
+                raise QueryError(f"filter {name}={prefix!r}: {error}") from None
+            object.__setattr__(self, name, prefix.strip().lower())
+        if self.code is not None:
+            try:
+                object.__setattr__(self, "code", str(IrmaCode.parse(self.code)))
+            except IrmaCodeError as error:
+                raise QueryError(f"filter code={self.code!r}: {error}") from None
+        if self.on not in SOURCES:
+            raise QueryError(f"filter on={self.on!r}: expected one of {', '.join(SOURCES)}")
+        for name in ("dataset", "label"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise QueryError(f"filter {name}={value!r}: expected a non-empty text")
+
+    @property
+    def is_empty(self) -> bool:
+        return all(getattr(self, name) is None for name in (*_FILTER_AXES, "code", "dataset", "label"))
+
+    def sql(self) -> tuple[str, list[str]]:
+        """The WHERE condition and its parameters."""
+        source = SOURCES[self.on]
+        terms, params = [], []
+        for name, axis in _FILTER_AXES.items():
+            prefix = getattr(self, name)
+            if prefix is not None:
+                terms.append(f"{source}_{_AXIS_SUFFIX[axis]} GLOB ?")
+                params.append(prefix + "*")
+        if self.code is not None:
+            code = IrmaCode.parse(self.code)
+            for axis in AXES:
+                terms.append(f"{source}_{_AXIS_SUFFIX[axis]} = ?")
+                params.append(code[axis])
+        if self.dataset is not None:
+            terms.append("dataset = ?")
+            params.append(self.dataset)
+        if self.label is not None:
+            terms.append("id IN (SELECT image_id FROM image_labels WHERE label = ?)")
+            params.append(self.label.strip())
+        return " AND ".join(terms) or "1", params
+
+
+def stamp_digest(stamp: Any) -> str | None:
+    """The sha256 of a model stamp's canonical JSON; None for no stamp."""
+    if stamp is None:
+        return None
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _axis_columns(prefix: str) -> list[str]:
+    return [f"{prefix}_{suffix}" for suffix in _AXIS_SUFFIX.values()]
+
+
+_CODE_COLUMNS = _axis_columns("true") + _axis_columns("pred") + _axis_columns("best")
+_SCHEMA = [
+    f"""CREATE TABLE IF NOT EXISTS images (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        location TEXT NOT NULL,
+        content_hash TEXT NOT NULL UNIQUE,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        dataset TEXT NOT NULL,
+        true_code TEXT,
+        predicted TEXT,
+        confidences TEXT NOT NULL,
+        confidence REAL,
+        labels TEXT NOT NULL,
+        extra TEXT NOT NULL,
+        embedding BLOB NOT NULL,
+        added_at TEXT NOT NULL,
+        {", ".join(f"{column} TEXT" for column in _CODE_COLUMNS)})""",
+    "CREATE INDEX IF NOT EXISTS images_dataset ON images (dataset)",
+    *(f"CREATE INDEX IF NOT EXISTS images_{column} ON images ({column})" for column in _CODE_COLUMNS),
+    """CREATE TABLE IF NOT EXISTS image_labels (
+        label TEXT NOT NULL COLLATE NOCASE,
+        image_id INTEGER NOT NULL,
+        PRIMARY KEY (label, image_id)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS image_labels_image ON image_labels (image_id)",
+    "CREATE TABLE IF NOT EXISTS failures (location TEXT PRIMARY KEY, reason TEXT NOT NULL, at TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+]
+_INSERT_COLUMNS = (
+    "location", "content_hash", "width", "height", "dataset", "true_code", "predicted", "confidences",
+    "confidence", "labels", "extra", "embedding", "added_at", *_CODE_COLUMNS,
+)  # fmt: skip
+_INSERT = f"INSERT INTO images ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_ids(ids: Iterable[int]) -> str:
+    return json.dumps([int(i) for i in ids])
+
+
+def _chunks(values: Sequence, size: int = _ID_CHUNK) -> Iterator[Sequence]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+class Store:
+    """The SQLite store of one index folder. Safe to share between threads: one connection behind a lock."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: never corrupt, and a process crash loses nothing
+            self._db.execute("PRAGMA secure_delete=ON")  # removed rows are overwritten, not just unlinked
+            with self._transaction():
+                for statement in _SCHEMA:
+                    self._db.execute(statement)
+                version = self._meta("schema_version")
+                if version is None:
+                    self._set_meta("schema_version", SCHEMA_VERSION)
+        except sqlite3.DatabaseError as error:
+            raise IndexConfigError(f"{self.path} cannot be opened as a cbmir store: {error}") from None
+        if version is not None and version > SCHEMA_VERSION:
+            self._db.close()
+            raise IndexConfigError(
+                f"{self.path} has store schema version {version}; this cbmir reads up to {SCHEMA_VERSION}: upgrade cbmir"
+            )
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+    def _meta(self, key: str) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def _set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- meta and counts ------------------------------------------------------------------------------------
+
+    def meta(self, key: str) -> Any:
+        """The JSON value recorded under `key`, or None."""
+        with self._lock:
+            return self._meta(key)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._lock, self._transaction():
+            self._set_meta(key, value)
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM images").fetchone()[0]
+
+    def max_id(self) -> int:
+        """The largest id present, 0 when the store is empty."""
+        with self._lock:
+            return self._db.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0]
+
+    def dataset_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT dataset, count(*) FROM images GROUP BY dataset ORDER BY dataset"))
+
+    # -- images ---------------------------------------------------------------------------------------------
+
+    def add(self, entries: Sequence[ImageEntry], embeddings: np.ndarray) -> np.ndarray:
+        """Store `entries` with their (already validated, unit-norm) `embeddings` in one transaction: all are
+        added or, on any error, none. Returns the new ids in entry order.
+
+        A content hash that is already stored, or that occurs twice in `entries`, is a `DuplicateImageError`:
+        callers skip known files with `hashes_present` first. Adding an image clears its location's failure
+        record. The first add records the embedding dimension; later adds must match it.
+        """
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or len(embeddings) != len(entries):
+            raise ValueError(f"embeddings of shape {embeddings.shape} for {len(entries)} entries")
+        added_at = _now()
+        rows = [_row(number, entry, vector, added_at) for number, (entry, vector) in enumerate(zip(entries, embeddings))]
+        seen: dict[str, int] = {}
+        for number, entry in enumerate(entries):
+            first = seen.setdefault(rows[number][1], number)
+            if first != number:
+                raise DuplicateImageError(
+                    f"entry {number} ({entry.location!r}) has the same content hash as entry {first} "
+                    f"({entries[first].location!r}): the same image twice in one batch"
+                )
+        with self._lock, self._transaction():
+            dimension = self._meta("dimension")
+            if dimension is None:
+                self._set_meta("dimension", embeddings.shape[1])
+            elif dimension != embeddings.shape[1]:
+                raise IndexMismatchError(f"this store holds {dimension}-d embeddings, not {embeddings.shape[1]}-d")
+            stored = dict(
+                self._db.execute(
+                    "SELECT content_hash, location FROM images WHERE content_hash IN (SELECT value FROM json_each(?))",
+                    (json.dumps(list(seen)),),
+                )
+            )
+            for number, entry in enumerate(entries):
+                if rows[number][1] in stored:
+                    raise DuplicateImageError(
+                        f"entry {number} ({entry.location!r}): content hash {rows[number][1]} is already stored "
+                        f"(from {stored[rows[number][1]]!r}); skip known files with hashes_present"
+                    )
+            ids = []
+            for row, entry in zip(rows, entries):
+                image_id = self._db.execute(_INSERT, row).lastrowid
+                ids.append(image_id)
+                labels = {label for label in (entry.true_code, *entry.labels) if label}
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO image_labels (label, image_id) VALUES (?, ?)",
+                    [(label.strip(), image_id) for label in labels],
+                )
+            self._db.execute(
+                "DELETE FROM failures WHERE location IN (SELECT value FROM json_each(?))",
+                (json.dumps([entry.location for entry in entries]),),
+            )
+        return np.array(ids, dtype=np.int64)
+
+    def remove(self, ids: Sequence[int]) -> None:
+        """Delete the images with `ids` for good: their rows, their labels, and (by secure_delete and a WAL
+        checkpoint) their bytes on disk. An unknown id is a `QueryError` and nothing is removed."""
+        ids = sorted({int(i) for i in ids})
+        with self._lock:
+            with self._transaction():
+                missing = set(ids) - set(self._present(ids))
+                if missing:
+                    raise QueryError(f"no image with id {', '.join(map(str, sorted(missing)[:10]))} in this index")
+                for chunk in _chunks(ids):
+                    self._db.execute("DELETE FROM image_labels WHERE image_id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),))
+                    self._db.execute("DELETE FROM images WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),))
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _present(self, ids: Sequence[int]) -> list[int]:
+        found = []
+        for chunk in _chunks(ids):
+            found += [row[0] for row in self._db.execute("SELECT id FROM images WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),))]
+        return found
+
+    def get(self, ids: Sequence[int], fields: Sequence[str]) -> list[dict[str, Any]]:
+        """One dict per id, in the order given, with just `fields` (see `FIELDS`). JSON fields come back
+        decoded, `labels` as a tuple, `embedding` as a float32 vector. Unknown fields or ids are a `QueryError`."""
+        fields = list(fields)
+        unknown = [name for name in fields if name not in FIELDS]
+        if unknown:
+            raise QueryError(f"unknown field {', '.join(map(repr, unknown))}: the fields are {', '.join(FIELDS)}")
+        columns = ["id", *(name for name in fields if name != "id")]
+        wanted = [int(i) for i in ids]
+        found: dict[int, dict[str, Any]] = {}
+        with self._lock:
+            for chunk in _chunks(sorted(set(wanted))):
+                cursor = self._db.execute(
+                    f"SELECT {', '.join(columns)} FROM images WHERE id IN (SELECT value FROM json_each(?))",
+                    (_json_ids(chunk),),
+                )
+                for row in cursor:
+                    found[row[0]] = {name: _decode(name, value) for name, value in zip(columns, row)}
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise QueryError(f"no image with id {', '.join(map(str, missing[:10]))} in this index")
+        return [{name: found[i][name] for name in fields} for i in wanted]
+
+    def query(self, filters: Filters) -> np.ndarray:
+        """The ids (sorted int64) of the images that pass `filters`."""
+        condition, params = filters.sql()
+        with self._lock:
+            cursor = self._db.execute(f"SELECT id FROM images WHERE {condition} ORDER BY id", params)
+            return np.fromiter((row[0] for row in cursor), dtype=np.int64)
+
+    def hashes_present(self, hashes: Iterable[str]) -> set[str]:
+        """Which of `hashes` (sha256 hex, any case) are stored, in lower case."""
+        wanted = sorted({h.lower() for h in hashes})
+        present: set[str] = set()
+        with self._lock:
+            for chunk in _chunks(wanted):
+                cursor = self._db.execute(
+                    "SELECT content_hash FROM images WHERE content_hash IN (SELECT value FROM json_each(?))",
+                    (json.dumps(list(chunk)),),
+                )
+                present.update(row[0] for row in cursor)
+        return present
+
+    def iter_embeddings(
+        self, *, after_id: int = 0, batch: int = 4096, ids: Sequence[int] | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream (ids int64, embeddings float32 n x d) batches in id order: every image after `after_id`,
+        or only those of `ids`. Each batch is one short query, so a long stream never holds the lock."""
+        if ids is not None:
+            selected = np.unique(np.asarray(ids, dtype=np.int64))
+            query = "SELECT id, embedding FROM images WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
+            for chunk in _chunks(selected[selected > after_id], batch):
+                with self._lock:
+                    rows = self._db.execute(query, (_json_ids(chunk),)).fetchall()
+                if rows:
+                    yield _embedding_batch(rows)
+            return
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, embedding FROM images WHERE id > ? ORDER BY id LIMIT ?", (after_id, batch)
+                ).fetchall()
+            if not rows:
+                return
+            yield _embedding_batch(rows)
+            after_id = rows[-1][0]
+
+    # -- failures -------------------------------------------------------------------------------------------
+
+    def record_failures(self, rows: Iterable[tuple[str, str]]) -> None:
+        """Record (location, reason) pairs of files that could not be indexed. A location keeps only its
+        latest failure, and loses it when the image is added later."""
+        at = _now()
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO failures (location, reason, at) VALUES (?, ?, ?)",
+                [(str(location), str(reason), at) for location, reason in rows],
+            )
+
+    def failures(self) -> list[dict[str, str]]:
+        """The recorded failures, oldest first."""
+        with self._lock:
+            cursor = self._db.execute("SELECT location, reason, at FROM failures ORDER BY at, location")
+            return [{"location": location, "reason": reason, "at": at} for location, reason, at in cursor]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _embedding_batch(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array([row[0] for row in rows], dtype=np.int64)
+    vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), -1)
+    return ids, vectors
+
+
+def _decode(name: str, value: Any) -> Any:
+    if name in _JSON_FIELDS:
+        return json.loads(value)
+    if name == "labels":
+        return tuple(json.loads(value))
+    if name == "embedding":
+        return np.frombuffer(value, dtype=np.float32).copy()
+    return value
+
+
+def _code_axes(number: int, entry: ImageEntry, name: str) -> tuple[str | None, list[str | None]]:
+    """The stored text of a true or predicted code and its four axis codes (None unless it is IRMA)."""
+    value = getattr(entry, name)
+    if value is None:
+        return None, [None] * len(AXES)
+    if not isinstance(value, str):
+        raise EntryError(f"entry {number} ({entry.location!r}): {name} must be text or None, got {value!r}")
+    value = value.strip()
+    if not _IRMA_SHAPE.fullmatch(value):
+        return value, [None] * len(AXES)
+    try:
+        code = IrmaCode.parse(value)
+    except IrmaCodeError as error:
+        raise EntryError(f"entry {number} ({entry.location!r}): {name}: {error}") from None
+    return str(code), [code[axis] for axis in AXES]
+
+
+def _json(number: int, entry: ImageEntry, name: str, value: Any) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise EntryError(f"entry {number} ({entry.location!r}): {name} cannot be stored as JSON ({error})") from None
+
+
+def _row(number: int, entry: ImageEntry, vector: np.ndarray, added_at: str) -> tuple:
+    """The INSERT parameters for one entry, after checking every field."""
+
+    def fail(reason: str) -> EntryError:
+        return EntryError(f"entry {number} ({getattr(entry, 'location', None)!r}): {reason}")
+
+    if not isinstance(entry, ImageEntry):
+        raise EntryError(f"entry {number} is a {type(entry).__name__}, not an ImageEntry")
+    if not isinstance(entry.location, str) or not entry.location.strip():
+        raise fail("location must be a non-empty text")
+    content_hash = entry.content_hash.lower() if isinstance(entry.content_hash, str) else None
+    if content_hash is None or not _HASH.fullmatch(content_hash):
+        raise fail(f"content_hash {entry.content_hash!r} is not a sha256 hex digest (64 hex digits)")
+    for name in ("width", "height"):
+        value = getattr(entry, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise fail(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(entry.dataset, str) or not entry.dataset.strip():
+        raise fail("dataset must be a non-empty text")
+    if entry.confidence is not None and not (
+        isinstance(entry.confidence, (int, float, np.floating)) and math.isfinite(entry.confidence)
+    ):
+        raise fail(f"confidence must be a finite number or None, got {entry.confidence!r}")
+    if not isinstance(entry.labels, (list, tuple)) or not all(isinstance(x, str) and x.strip() for x in entry.labels):
+        raise fail(f"labels must be a tuple of non-empty texts, got {entry.labels!r}")
+    if not isinstance(entry.extra, Mapping):
+        raise fail(f"extra must be a mapping, got {type(entry.extra).__name__}")
+    if not isinstance(entry.confidences, Mapping) or not all(
+        isinstance(p, (int, float, np.floating)) and math.isfinite(p) for p in entry.confidences.values()
+    ):
+        raise fail(f"confidences must map names to finite numbers, got {entry.confidences!r}")
+    true_code, true_axes = _code_axes(number, entry, "true_code")
+    predicted, pred_axes = _code_axes(number, entry, "predicted")
+    best_axes = true_axes if true_code is not None else pred_axes
+    return (
+        entry.location,
+        content_hash,
+        int(entry.width),
+        int(entry.height),
+        entry.dataset,
+        true_code,
+        predicted,
+        _json(number, entry, "confidences", {str(k): float(v) for k, v in entry.confidences.items()}),
+        None if entry.confidence is None else float(entry.confidence),
+        _json(number, entry, "labels", list(entry.labels)),
+        _json(number, entry, "extra", dict(entry.extra)),
+        vector.tobytes(),
+        added_at,
+        *true_axes,
+        *pred_axes,
+        *best_axes,
+    )

@@ -1,0 +1,374 @@
+"""The vector side of an index folder: a FAISS index derived from the store, and how it stays consistent.
+
+Vectors are unit-norm embeddings compared by inner product (cosine similarity); the FAISS id of a vector
+is its store id (`IndexIDMap2` around non-IVF indexes, IVF indexes keep ids natively). The index type is a
+FAISS factory string, chosen by `automatic_type` unless the user names one.
+
+``vectors.faiss`` is written atomically (temporary file, fsync, ``os.replace``) and described by
+``vectors.json``: model stamp digest, dimension, index type, vector count, last store id, size and sha256
+of the index file. Writing it after every batch would cost too much at scale, so it is written on
+`flush` / close, every `IndexPolicy.write_every` added vectors, after every removal, and after a repair at
+open. Since store ids only grow and are never reused, a written index holds exactly the store's images up
+to its manifest's last id, minus those removed since. Opening therefore (1) rebuilds from the store when
+the files are missing, unreadable, do not match each other (checksum) or were made for another
+dimension, model or index type; (2) otherwise adds the store's images after the last id (catch-up after
+a crash between writes); (3) rebuilds when the count still differs from the store's (images removed after
+the last write). So whenever a process dies, the next open ends with an index equal to the store.
+
+The caller (the engine) serialises access and holds the folder lock, so no other process writes here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from cbmir.index.store import Filters, IndexConfigError, Store, stamp_digest
+
+INDEX_FILE, MANIFEST_FILE = "vectors.faiss", "vectors.json"
+MANIFEST_FORMAT = 1
+TRAIN_PER_CENTROID = 39  # FAISS k-means warns below 39 training vectors per centroid
+SAMPLE_PER_CENTROID = 64
+GPU_MAX_K = 2048  # the largest k FAISS GPU indexes search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexPolicy:
+    """When to use which index type, and how hard approximate indexes search.
+
+    Automatic types by vector count: exact ``Flat`` below `hnsw_from` (one 512-d query over 100k vectors
+    takes about 40 ms on 2 CPU cores, over 1M about 210 ms), ``HNSW32`` below `ivf_from` (builds at about
+    2,400 vectors/s on 2 cores and cannot remove, so a removal rebuilds it), and ``IVF{n},Flat`` from
+    `ivf_from` with n = 4·sqrt(count) rounded to a power of two (trains on a sample of 64 vectors per list).
+    A type that needs training is used once the store holds 39 vectors per list; until then ``Flat`` is.
+
+    A filtered search on an approximate index is computed exactly over the stored embeddings of the
+    matching images when they are at most `exact_filter_limit`; beyond that FAISS searches with an id
+    selector and with `ef_search` / `nprobe` widened by count / matches.
+    """
+
+    hnsw_from: int = 200_000
+    ivf_from: int = 1_000_000
+    exact_filter_limit: int = 50_000
+    ef_search: int = 128
+    nprobe: int = 64
+    write_every: int = 100_000
+
+
+def automatic_type(count: int, policy: IndexPolicy) -> str:
+    if count < policy.hnsw_from:
+        return "Flat"
+    if count < policy.ivf_from:
+        return "HNSW32"
+    return f"IVF{2 ** round(math.log2(4 * math.sqrt(count)))},Flat"
+
+
+def _faiss_message(error: RuntimeError) -> str:
+    """The readable end of a FAISS exception ("Error in <signature> at <file>:<line>: <message>")."""
+    return str(error).strip().splitlines()[0].rsplit(": ", 1)[-1]
+
+
+def _empty_index(dimension: int, index_type: str) -> faiss.Index:
+    try:
+        index = faiss.index_factory(dimension, index_type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise IndexConfigError(
+            f"index type {index_type!r}: FAISS cannot build it for {dimension}-d vectors "
+            f"({_faiss_message(error)}); use a FAISS factory string such as Flat, HNSW32 or IVF1024,Flat"
+        ) from None
+    return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap2(index)
+
+
+def _training_minimum(index: faiss.Index) -> int:
+    if index.is_trained:
+        return 0
+    ivf = faiss.try_extract_index_ivf(index)
+    return TRAIN_PER_CENTROID * (ivf.nlist if ivf is not None else 256)  # 256: the codebook size of PQ/SQ
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    """FAISS takes only C-contiguous float32; numpy 2 arithmetic easily yields float64."""
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    """Size and sha256 of a file, fsynced on the way."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(file.fileno())
+    return size, digest.hexdigest()
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Call write(temporary path) for a temporary file beside `path`, then rename it over `path`."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+class Vectors:
+    """The FAISS index of one folder, kept equal to the store's embeddings. `requested` is a FAISS factory
+    string or "auto"."""
+
+    def __init__(self, folder: Path, store: Store, requested: str, policy: IndexPolicy):
+        self.folder, self.store, self.requested, self.policy = Path(folder), store, requested, policy
+        self.index: faiss.Index | None = None
+        self.type: str | None = None
+        self._last_id = 0  # every stored id up to this one is in the index, unless removed since
+        self._unsaved = 0
+        self._gpu = None  # a GPU replica for unfiltered searches, None until made, False when impossible
+        for leftover in self.folder.glob(".vectors.*.tmp"):  # from a crash while writing
+            leftover.unlink(missing_ok=True)
+        dimension = store.meta("dimension")
+        if dimension is not None:
+            self._open(dimension)
+
+    @property
+    def index_path(self) -> Path:
+        return self.folder / INDEX_FILE
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / MANIFEST_FILE
+
+    @property
+    def count(self) -> int:
+        return 0 if self.index is None else self.index.ntotal
+
+    @property
+    def unsaved(self) -> int:
+        """Vectors added since the index file was last written."""
+        return self._unsaved
+
+    def _wanted_type(self, dimension: int) -> str:
+        count = self.store.count()
+        if self.requested == "auto":
+            return automatic_type(count, self.policy)
+        if count < _training_minimum(_empty_index(dimension, self.requested)):
+            return "Flat"
+        return self.requested
+
+    # -- open, repair, write --------------------------------------------------------------------------------
+
+    def _open(self, dimension: int) -> None:
+        wanted = self._wanted_type(dimension)
+        problem = self._load(dimension, wanted)
+        if problem is None:
+            caught_up = 0
+            for ids, vectors in self.store.iter_embeddings(after_id=self._last_id):
+                self._add(ids, vectors)
+                caught_up += len(ids)
+            if self.index.ntotal == self.store.count():
+                if caught_up:
+                    log.info("%s: added %d images stored after its last write", self.index_path, caught_up)
+                    self._write(dimension)
+                return
+            problem = f"it holds {self.index.ntotal} vectors, the store {self.store.count()} images (removed since)"
+        log.warning("rebuilding %s from the store: %s", self.index_path, problem)
+        self._rebuild(dimension, wanted)
+        self._write(dimension)
+
+    def _load(self, dimension: int, wanted: str) -> str | None:
+        """Load the index file if it is sound and made for this store; otherwise say why not."""
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            return f"{MANIFEST_FILE} is missing"
+        except (OSError, ValueError) as error:
+            return f"{MANIFEST_FILE} cannot be read ({error})"
+        if not isinstance(manifest, dict):
+            return f"{MANIFEST_FILE} is not a manifest"
+        expected = {
+            "format": MANIFEST_FORMAT,
+            "dimension": dimension,
+            "stamp": stamp_digest(self.store.meta("stamp")),
+            "index_type": wanted,
+        }
+        for key, value in expected.items():
+            if manifest.get(key) != value:
+                return f"its {key} is {manifest.get(key)!r}, wanted {value!r}"
+        try:
+            size, digest = _file_digest(self.index_path)
+        except FileNotFoundError:
+            return f"{INDEX_FILE} is missing"
+        if size != manifest.get("size") or digest != manifest.get("sha256"):
+            return f"{INDEX_FILE} does not match its manifest (damaged, or a crash while writing)"
+        try:
+            index = faiss.read_index(str(self.index_path))
+        except RuntimeError as error:
+            return f"{INDEX_FILE} cannot be read ({_faiss_message(error)})"
+        if index.ntotal != manifest.get("count") or index.d != dimension:
+            return f"{INDEX_FILE} holds {index.ntotal} {index.d}-d vectors, its manifest says otherwise"
+        self.index, self.type, self._last_id, self._gpu = index, wanted, int(manifest["last_id"]), None
+        return None
+
+    def _rebuild(self, dimension: int, index_type: str) -> None:
+        index = _empty_index(dimension, index_type)
+        if not index.is_trained:
+            index.train(self._training_sample(index))
+        self.index, self.type, self._last_id, self._gpu = index, index_type, 0, None
+        for ids, vectors in self.store.iter_embeddings():
+            self._add(ids, vectors)
+
+    def _training_sample(self, index: faiss.Index) -> np.ndarray:
+        ids = self.store.query(Filters())
+        size = min(len(ids), _training_minimum(index) // TRAIN_PER_CENTROID * SAMPLE_PER_CENTROID)
+        chosen = np.random.default_rng(0).choice(ids, size, replace=False)
+        return _as_float32(np.concatenate([vectors for _, vectors in self.store.iter_embeddings(ids=chosen)]))
+
+    def _write(self, dimension: int) -> None:
+        """Write the index and its manifest, first switching type if the store's size now asks for another."""
+        wanted = self._wanted_type(dimension)
+        if wanted != self.type:
+            log.info("%s: switching from %s to %s for %d images", self.index_path, self.type, wanted, self.store.count())
+            self._rebuild(dimension, wanted)
+        written: dict[str, tuple[int, str]] = {}
+
+        def write_index(path: Path) -> None:
+            faiss.write_index(self.index, str(path))
+            written["file"] = _file_digest(path)
+
+        _replace_atomically(self.index_path, write_index)
+        size, digest = written["file"]
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "index_type": self.type,
+            "dimension": dimension,
+            "stamp": stamp_digest(self.store.meta("stamp")),
+            "count": self.index.ntotal,
+            "last_id": self._last_id,
+            "size": size,
+            "sha256": digest,
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+        def write_manifest(path: Path) -> None:
+            path.write_text(json.dumps(manifest, indent=2) + "\n")
+            _file_digest(path)
+
+        _replace_atomically(self.manifest_path, write_manifest)
+        directory = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the renames durable
+        finally:
+            os.close(directory)
+        self._unsaved = 0
+
+    def flush(self) -> None:
+        """Write the index if vectors were added since the last write."""
+        if self._unsaved:
+            self._write(self.index.d)
+
+    # -- changes --------------------------------------------------------------------------------------------
+
+    def prepare(self, dimension: int) -> None:
+        """Make the (empty) index for the first vectors, so a bad index type fails before anything is stored."""
+        if self.index is None:
+            self.type = self._wanted_type(dimension)
+            self.index = _empty_index(dimension, self.type)
+
+    def _add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.index.add_with_ids(_as_float32(vectors), np.ascontiguousarray(ids, dtype=np.int64))
+        self._last_id = max(self._last_id, int(ids.max()))
+        self._gpu = None
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors already stored under `ids`; writes the index every `write_every` vectors."""
+        self._add(ids, vectors)
+        self._unsaved += len(ids)
+        if self._unsaved >= self.policy.write_every:
+            self._write(self.index.d)
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Remove vectors already deleted from the store, and write the index so they leave the disk too.
+        Index types that cannot remove (HNSW) are rebuilt from the store."""
+        if self.index is None:
+            return
+        try:
+            removed = self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
+        except RuntimeError:
+            removed = None
+        if removed != len(ids):
+            self._rebuild(self.index.d, self.type)
+        self._gpu = None
+        self._write(self.index.d)
+
+    # -- search ---------------------------------------------------------------------------------------------
+
+    def search(self, query: np.ndarray, k: int, within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and inner products of the k vectors nearest to `query`, best first, among `within`
+        (sorted store ids) when given. Exact for `Flat`, and for any type when `within` is small."""
+        nothing = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if self.index is None or self.index.ntotal == 0 or (within is not None and len(within) == 0):
+            return nothing
+        query = _as_float32(query.reshape(1, -1))
+        if within is None:
+            replica = self._gpu_replica() if k <= GPU_MAX_K else None
+            if replica is not None:
+                scores, ids = replica.search(query, k)
+            else:
+                scores, ids = self.index.search(query, k, params=self._parameters(k, None, 1))
+        elif self.type == "Flat" or len(within) > self.policy.exact_filter_limit:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(within, dtype=np.int64))
+            widen = 1 if self.type == "Flat" else math.ceil(self.index.ntotal / len(within))
+            scores, ids = self.index.search(query, k, params=self._parameters(k, selector, widen))
+        else:
+            return self._exact(query[0], k, within)
+        found = ids[0] >= 0  # FAISS pads with -1 when fewer than k vectors qualify
+        return ids[0][found], scores[0][found]
+
+    def _exact(self, query: np.ndarray, k: int, within: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the stored embeddings of `within`; ties go to the smaller id."""
+        ids, scores = [], []
+        for batch_ids, vectors in self.store.iter_embeddings(ids=within, batch=8192):
+            ids.append(batch_ids)
+            scores.append(vectors @ query)
+        all_ids, all_scores = np.concatenate(ids), np.concatenate(scores)
+        best = np.argsort(-all_scores, kind="stable")[:k]
+        return all_ids[best], all_scores[best]
+
+    def _parameters(self, k: int, selector: faiss.IDSelector | None, widen: int) -> faiss.SearchParameters:
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            return faiss.SearchParametersIVF(sel=selector, nprobe=min(ivf.nlist, self.policy.nprobe * widen))
+        if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.policy.ef_search, k) * widen)
+        return faiss.SearchParameters(sel=selector)
+
+    def _gpu_replica(self) -> faiss.Index | None:
+        """A GPU copy of the index for unfiltered searches, made on first use after each change. The CPU index
+        stays the master: FAISS GPU indexes take no id selectors and cannot remove."""
+        if self._gpu is None:
+            self._gpu = False
+            if _gpu_count() > 0:
+                try:
+                    replica = faiss.index_cpu_to_all_gpus(self.index)
+                    if faiss.try_extract_index_ivf(self.index) is not None:
+                        faiss.GpuParameterSpace().set_index_parameter(replica, "nprobe", self.policy.nprobe)
+                    self._gpu = replica
+                except RuntimeError as error:  # types FAISS cannot put on a GPU, such as HNSW
+                    log.info("searching %s on the CPU: %s", self.type, _faiss_message(error))
+        return self._gpu or None
