@@ -3,7 +3,7 @@ EfficientNet-Lite0 features, on the same split of an IRMA-coded archive, in one 
 
     python benchmarks/classification.py ../shared/data/irma2007-dev --tables ../shared/data/irma-code-tables
 
-For each training mode asked for, the engine is trained with the CPU defaults (a 70/10/20 split, seed 0)
+For each run (a training mode and a contrastive-loss weight), the engine is trained with the CPU defaults (a 70/10/20 split, seed 0)
 and scored on the held-back 20%: accuracy of the full code and of each IRMA axis, and the ImageCLEF error
 score. The baselines use the plain (un-augmented) Lite0 trunk features of the same images: one logistic
 regression per axis (their answers joined into a code) and one over whole codes.
@@ -31,7 +31,8 @@ from cbmir.datasets import open_dataset  # noqa: E402
 from cbmir.embed import images_to_tensor, run_model  # noqa: E402
 from cbmir.irma import AXES, CodeTables, IrmaCode, run_error_score  # noqa: E402
 from cbmir.models import create_model  # noqa: E402
-from cbmir.train import make_config, prepare_images, train  # noqa: E402
+from cbmir.prepared import prepare_images  # noqa: E402
+from cbmir.train import make_config, train  # noqa: E402
 
 SPLIT = (0.7, 0.1, 0.2)
 
@@ -102,32 +103,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--tables", type=Path, required=True, help="IRMA code tables folder (A.csv..D.csv)")
-    parser.add_argument("--modes", nargs="+", default=["heads", "finetune"], choices=["heads", "finetune", "full"])
+    parser.add_argument("--runs", nargs="+", default=["heads/0", "heads/0.5", "finetune/0.5"],
+                        help="training runs as MODE/CONTRASTIVE-WEIGHT (0 = classification loss only)")
     parser.add_argument("--work", type=Path, default=Path("benchmark-work/classification"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--contrastive", nargs="+", type=float, default=[0.5],
-                        help="weights of the supervised contrastive loss to compare (0 = classification only)")
     parser.add_argument("--input-size", type=int, default=None, help="model input size (default: the model's)")
     args = parser.parse_args()
     tables = CodeTables.load(args.tables)
     dataset = open_dataset(args.dataset)
     rows, seconds, checkpoint = {}, {}, None
-    for mode in args.modes:
-        for weight in args.contrastive:
-            run = f"{mode}-contrastive{weight}"
-            started = time.time()
-            config = make_config(mode=mode, split=SPLIT, seed=args.seed, input_size=args.input_size,
-                                 contrastive_weight=weight)
-            checkpoint = train(dataset, config, args.work / run, tables=tables)
-            seconds[run] = round(time.time() - started, 1)
-            metrics = json.loads((args.work / run / "test.json").read_text())
-            irma = metrics["irma"]
-            rows[f"cbmir {mode}, contrastive {weight} ({seconds[run]:.0f} s to train)"] = {
-                "full_code": irma["accuracy"], **irma["axis_accuracy"],
-                "mean_error_score": metrics.get("irma-with-unknown", irma).get("mean_error_score"),
-                "test_images": metrics["irma"]["n"],
-                **engine_retrieval(args.work / run, dataset, args.work / "baseline-cache"),
-            }
+    for run in args.runs:
+        mode, weight = run.split("/")
+        started = time.time()
+        config = make_config(mode=mode, split=SPLIT, seed=args.seed, input_size=args.input_size,
+                             contrastive_weight=float(weight))
+        checkpoint = train(dataset, config, args.work / run.replace("/", "-"), tables=tables)
+        seconds[run] = round(time.time() - started, 1)
+        metrics = json.loads((checkpoint.path / "test.json").read_text())
+        irma = metrics["irma"]
+        rows[f"cbmir {mode}, contrastive {weight} ({seconds[run]:.0f} s to train)"] = {
+            "full_code": irma["accuracy"], **irma["axis_accuracy"],
+            "mean_error_score": metrics.get("irma-with-unknown", irma).get("mean_error_score"),
+            "test_images": irma["n"],
+            **engine_retrieval(checkpoint.path, dataset, args.work / "baseline-cache"),
+        }
     rows.update(logistic_baselines(checkpoint, dataset, args.work / "baseline-cache", tables))
     columns = ("full_code", *AXES, "mean_error_score", "P@1 full_code", "P@5 full_code", "P@1 anatomical")
     header = "| method | full code | technical | directional | anatomical | biological | mean error score | " \

@@ -4,6 +4,7 @@ and turning a `CbmirError` into a one-line message and exit status 2."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -17,6 +18,8 @@ from cbmir.errors import CbmirError
 app = typer.Typer(help="Content-based retrieval of radiographs.", no_args_is_help=True, add_completion=False)
 irma_app = typer.Typer(help="IRMA codes: decode and check.", no_args_is_help=True)
 app.add_typer(irma_app, name="irma")
+db_app = typer.Typer(help="The search index: statistics and failures.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 
@@ -201,6 +204,100 @@ def evaluate(
     typer.echo(f"reports written to {out}")
 
 
+DbOption = Annotated[Path, typer.Option("--db", help="Index folder (SQLite store + FAISS vectors).")]
+
+
+@app.command()
+@reports_errors
+def index(
+    archive: Annotated[Path, typer.Argument(help="Archive to index: any supported layout, or a folder of images.")],
+    model: Annotated[Path, typer.Option(help="Checkpoint folder whose model embeds and predicts.")],
+    db: DbOption,
+    workers: Annotated[int, typer.Option(min=1, help="Processes reading and preprocessing images.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch and per write transaction.")] = 32,
+    index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string (Flat, HNSW32, IVF1024,Flat) or auto.")] = None,
+    nih_table: NihTableOption = None,
+) -> None:
+    """Index an archive: embeddings and predicted codes into the search index. Re-running skips what is
+    already indexed; unreadable files go into the failure report and never stop the run."""
+    from cbmir.checkpoint import load_checkpoint
+    from cbmir.embed import Embedder
+    from cbmir.index import Engine
+    from indexer.pipeline import index_records, read_archive
+
+    embedder = Embedder(load_checkpoint(model))
+    name, records = read_archive(archive, **({"table": nih_table} if nih_table else {}))
+    with Engine.open(db, embedder=embedder, index_type=index_type) as engine:
+        summary = index_records(records, engine, embedder, dataset=name, workers=workers, batch_size=batch_size)
+        typer.echo(summary.text())
+        if summary.failed:
+            typer.echo(f"failure report: cbmir db failures --db {db}")
+
+
+@app.command()
+@reports_errors
+def search(
+    image: Annotated[Path, typer.Argument(help="Query radiograph (PNG, JPEG, TIFF, BMP or DICOM).")],
+    db: DbOption,
+    model: Annotated[Path, typer.Option(help="Checkpoint folder the index was built with.")],
+    k: Annotated[int, typer.Option("-k", min=1, help="Number of neighbours.")] = 10,
+    anatomy: Annotated[Optional[str], typer.Option(help="IRMA anatomical prefix, e.g. 9 (any leg region).")] = None,
+    biology: Annotated[Optional[str], typer.Option(help="IRMA biological prefix, e.g. 7 (musculoskeletal).")] = None,
+    technical: Annotated[Optional[str], typer.Option(help="IRMA technical prefix.")] = None,
+    directional: Annotated[Optional[str], typer.Option(help="IRMA directional prefix.")] = None,
+    code: Annotated[Optional[str], typer.Option(help="A full IRMA code.")] = None,
+    on: Annotated[str, typer.Option(help="Filter on the best (true where known), true or predicted code.")] = "best",
+    dataset: Annotated[Optional[str], typer.Option(help="Only images of this dataset.")] = None,
+    label: Annotated[Optional[str], typer.Option(help="Only images with this label or finding.")] = None,
+    tables: TablesOption = None,
+) -> None:
+    """Find the radiographs most similar to IMAGE, with the predicted code in words."""
+    from cbmir.checkpoint import load_checkpoint
+    from cbmir.embed import Embedder
+    from cbmir.imaging.io import read_image
+    from cbmir.index import Engine, Filters
+
+    filters = Filters(technical=technical, directional=directional, anatomy=anatomy, biology=biology, code=code,
+                      on=on, dataset=dataset, label=label)
+    pixels = read_image(image).pixels
+    code_tables = _tables(tables)
+    with Engine.open(db, embedder=Embedder(load_checkpoint(model))) as engine:
+        prediction, hits = engine.search_image(pixels, k, filters)
+    typer.echo(f"predicted: {prediction.label} (confidence {prediction.confidence:.3f})")
+    if prediction.axes:
+        for axis, axis_prediction in prediction.axes.items():
+            typer.echo(f"  {axis:<12} {axis_prediction.code:<5} {axis_prediction.confidence:.3f}")
+        if code_tables is not None:
+            typer.echo(f"  in words: {code_tables.describe(prediction.label)}")
+    typer.echo(f"{len(hits)} similar radiograph(s):")
+    for rank, hit in enumerate(hits, 1):
+        shown = hit.true_code or f"predicted {hit.predicted}"
+        typer.echo(f"{rank:>3}. score {hit.score:.4f}  id {hit.id:<7} {shown:<28} {hit.location}")
+
+
+@db_app.command("stats")
+@reports_errors
+def db_stats(db: DbOption) -> None:
+    """Images, model, index type, datasets and failures of an index."""
+    from cbmir.index import Engine
+
+    with Engine.open(db) as engine:
+        typer.echo(json.dumps(engine.stats(), indent=2, sort_keys=True, default=str))
+
+
+@db_app.command("failures")
+@reports_errors
+def db_failures(db: DbOption) -> None:
+    """The files the indexer could not read, with the reason."""
+    from cbmir.index import Engine
+
+    with Engine.open(db) as engine:
+        failures = engine.failures()
+    for failure in failures:
+        typer.echo("\t".join(str(value) for value in failure.values()))
+    typer.echo(f"{len(failures)} failure(s)", err=True)
+
+
 @app.command("models")
 def list_registered_models() -> None:
     """List the registry's models with their source, input size and embedding size."""
@@ -221,7 +318,7 @@ def irma_decode(
     ] = None,
 ) -> None:
     """Print an IRMA code in words, axis by axis, from the most general level to the most specific."""
-    from cbmir.irma import AXES, CodeTables, IrmaCode
+    from cbmir.irma import CodeTables, IrmaCode
 
     parsed = IrmaCode.parse(code)
     code_tables = CodeTables.load(tables)

@@ -18,7 +18,7 @@ from cbmir.errors import CbmirError
 from cbmir.irma import CodeTables, IrmaCode, IrmaCodeError, run_error_score
 from cbmir.labels import LABEL_HEAD, decode_predictions, probabilities_from_logits
 from cbmir.metrics import classification_report, irma_report, multilabel_report, plot_confusion_matrix, write_report
-from cbmir.train import PreparedImages, prepare_images
+from cbmir.prepared import PreparedImages, prepare_images
 
 class EvaluationError(CbmirError):
     """Nothing to evaluate, or data that does not fit the checkpoint."""

@@ -15,14 +15,12 @@ training state after an interruption ends with the same weights as an uninterrup
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -31,14 +29,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cbmir.checkpoint import Checkpoint, new_card, save_checkpoint
-from cbmir.datasets import Dataset, Record, load_pixels, stratified_split
-from cbmir.embed import images_to_tensor, run_model
+from cbmir.datasets import Dataset, Record, stratified_split
+from cbmir.embed import images_to_tensor
 from cbmir.errors import CbmirError
-from cbmir.imaging.io import ImageReadError
-from cbmir.imaging.preprocess import Preprocessing, preset
+from cbmir.evaluate import choose_irma_threshold, evaluate_images
+from cbmir.imaging.preprocess import preset
 from cbmir.irma import IrmaCode, IrmaCodeError
 from cbmir.labels import TASKS, LabelSchema
+from cbmir.metrics import plot_history
 from cbmir.models import RadiographNet, create_model, model_info
+from cbmir.prepared import PreparedImages, fingerprint, prepare_images
 
 MODES = ("heads", "finetune", "full")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -63,7 +63,7 @@ class TrainConfig:
     embedding_dim: int | None = 512  # width of the embedding layer (neck); None: the model's default
     model_options: dict[str, Any] = field(default_factory=dict)
     mode: str = "heads"
-    finetune_blocks: int = 2
+    finetune_blocks: int = 6
     optimizer: str = "adamw"
     lr: float = 1e-3
     lr_decay: float = 0.0  # Keras-style: lr / (1 + lr_decay * iteration), as in the ImageCLEF paper
@@ -71,8 +71,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     batch_size: int = 32
     epochs: int = 60
-    finetune_epochs: int = 8
-    finetune_lr: float = 1e-4
+    finetune_epochs: int = 12
+    finetune_lr: float = 3e-4
     patience: int = 8
     views: int = 4  # cached feature views per training image in `heads` mode: 1 plain + augmented ones
     rotation: float = 10.0  # augmentation: largest rotation in degrees (also +-8% scale, +-4% shift, contrast)
@@ -171,72 +171,13 @@ def split_records(dataset: Dataset, config: TrainConfig) -> dict[str, list[Recor
     return stratified_split(dataset.records, config.split, seed=config.seed)
 
 
-def _preprocess_one(job: tuple[Record, Preprocessing]) -> np.ndarray | str:
-    record, pipeline = job
-    try:
-        return pipeline(load_pixels(record))
-    except ImageReadError as error:
-        return str(error)
-
-
-@dataclass
-class PreparedImages:
-    """Preprocessed uint8 images of some records, in a memory-mapped .npy cache, and the files that failed."""
-
-    records: list[Record]
-    images: np.ndarray
-    failures: list[str]
-
-
-def prepare_images(records: Sequence[Record], pipeline: Preprocessing, cache: Path, desc: str) -> PreparedImages:
-    """Read and preprocess `records` in parallel worker processes into `cache` (reused when the records and
-    the pipeline are the same). Unreadable files are left out and listed, never fatal."""
-    key = _fingerprint([pipeline.to_json()] + [f"{r.id}\t{r.path}\t{r.index}" for r in records])[:16]
-    array_path, listing_path = cache / f"images-{key}.npy", cache / f"images-{key}.json"
-    if array_path.exists() and listing_path.exists():
-        listing = json.loads(listing_path.read_text())
-        kept = set(listing["kept"])
-        return PreparedImages([r for r in records if r.id in kept], np.load(array_path, mmap_mode="r"),
-                              listing["failures"])
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = array_path.with_suffix(".partial.npy")
-    side = pipeline.size
-    images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(records), side, side, 3))
-    kept_rows, failures = [], []
-    jobs = [(record, pipeline) for record in records]
-    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        results = pool.map(_preprocess_one, jobs, chunksize=8)
-        for row, result in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img")):
-            if isinstance(result, str):
-                failures.append(result)
-                continue
-            images[len(kept_rows)] = result
-            kept_rows.append(row)
-    images.flush()
-    del images
-    kept = np.load(partial, mmap_mode="r")[: len(kept_rows)]
-    np.save(array_path.with_suffix(".tmp.npy"), kept)
-    os.replace(array_path.with_suffix(".tmp.npy"), array_path)
-    partial.unlink()
-    listing_path.write_text(json.dumps({"kept": [records[row].id for row in kept_rows], "failures": failures}))
-    return PreparedImages([records[row] for row in kept_rows], np.load(array_path, mmap_mode="r"), failures)
-
-
-def _fingerprint(lines: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for line in lines:
-        digest.update(line.encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def data_fingerprint(records: Sequence[Record]) -> str:
+def datafingerprint(records: Sequence[Record]) -> str:
     """sha256 over the sorted (id, labels, file size) of the training records."""
     lines = []
     for record in sorted(records, key=lambda r: r.id):
         size = record.path.stat().st_size if record.path.exists() else -1
         lines.append(f"{record.id}\t{'|'.join(record.labels)}\t{size}")
-    return _fingerprint(lines)
+    return fingerprint(lines)
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, rotation: float) -> np.ndarray:
@@ -384,7 +325,7 @@ def _optimizer(parameters, config: TrainConfig, lr: float) -> torch.optim.Optimi
 
 
 def _epoch_seed(seed: int, stage: str, epoch: int) -> int:
-    return int(_fingerprint([str(seed), stage, str(epoch)])[:8], 16)
+    return int(fingerprint([str(seed), stage, str(epoch)])[:8], 16)
 
 
 @dataclass
@@ -446,7 +387,7 @@ def run_stage(
         history.append(record)
         tqdm.write(f"{stage} epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.3f}"
                    f" | val loss {val_loss:.4f} acc {val_accuracy:.3f}")
-        if best_loss - val_loss > max(1e-4, 1e-3 * best_loss):  # a real improvement, not rounding noise
+        if best_state is None or best_loss - val_loss > max(1e-4, 1e-3 * best_loss):  # not just rounding noise
             best_loss, stale = val_loss, 0
             best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
         else:
@@ -545,8 +486,6 @@ def train(dataset: Dataset, config: TrainConfig, out: Path, *, resume: bool = Fa
     its last finished epoch. `tables` (IRMA code tables) lets the per-axis model choose its `*` threshold on
     the validation part by the ImageCLEF error score; without them it never stops early.
     """
-    from cbmir.evaluate import choose_irma_threshold, evaluate_images
-
     out = Path(out)
     started = time.time()
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
@@ -563,7 +502,7 @@ def train(dataset: Dataset, config: TrainConfig, out: Path, *, resume: bool = Fa
     model.to(device, memory_format=torch.channels_last)
 
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"config": dataclasses.asdict(config), "task": task, "data": data_fingerprint(parts["train"])}
+    settings = {"config": dataclasses.asdict(config), "task": task, "data": datafingerprint(parts["train"])}
     saved = _start_state(out, settings, resume)
     cache = out / "cache"
     prepared = {name: prepare_images(records, pipeline, cache, f"preprocess {name}") for name, records in parts.items()}
@@ -626,9 +565,7 @@ def train(dataset: Dataset, config: TrainConfig, out: Path, *, resume: bool = Fa
     )
     save_checkpoint(out, model, checkpoint.card)
     (out / "split.json").write_text(json.dumps({name: [r.id for r in part.records] for name, part in prepared.items()}))
-    from cbmir.metrics import plot_history
-
-    plot_history(history, out / "history.png")
+    plot_history([{**entry, "epoch": number} for number, entry in enumerate(history, 1)], out / "history.png")
     (out / STATE_FILE).unlink()
     return checkpoint
 
@@ -637,7 +574,7 @@ def _cached_views(model: RadiographNet, part: PreparedImages, config: TrainConfi
                   device: torch.device, views: int, name: str) -> np.ndarray:
     """Trunk feature views of a part, cached on disk: the trunk is frozen, so they never change for the same
     images, weights, views and augmentation."""
-    key = _fingerprint([json.dumps(model.config, sort_keys=True), str(config.pretrained), str(views),
+    key = fingerprint([json.dumps(model.config, sort_keys=True), str(config.pretrained), str(views),
                         str(config.seed), str(config.rotation)] + [r.id for r in part.records])[:16]
     path = cache / f"features-{key}.npy"
     if path.exists():

@@ -196,3 +196,11 @@ def test_loading_a_broken_checkpoint_names_the_problem(trained, tmp_path):
     (tmp_path / "model.pt").write_bytes(b"not weights")
     with pytest.raises(CheckpointError, match="weights do not load"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("losses, epochs_run", [([3.0, 2.0, 1.0, 0.5], 4), ([1.0, 1.0, 1.0, 1.0], 3)])
+def test_early_stopping_waits_patience_epochs_without_improvement(archive, tmp_path, monkeypatch, losses, epochs_run):
+    scripted = iter(losses)
+    monkeypatch.setattr(training, "evaluate_feed", lambda *args, **kwargs: (next(scripted), 0.5))
+    checkpoint = train(open_dataset(archive), small_cnn(epochs=4, patience=1), tmp_path)
+    assert len(checkpoint.card["training"]["history"]) == epochs_run

@@ -21,7 +21,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,20 @@ from cbmir.errors import CbmirError
 from cbmir.irma import AXES, AXIS_LENGTHS, IrmaCode, IrmaCodeError, matches
 
 SCHEMA_VERSION = 1
-SOURCES = {"best": "best", "true": "true", "predicted": "pred"}  # Filters.on -> column prefix
+_SOURCES = {"best": "best", "true": "true", "predicted": "pred"}  # Filters.on -> column prefix
 _AXIS_SUFFIX = {"technical": "t", "directional": "d", "anatomical": "a", "biological": "b"}
-_FILTER_AXES = {"technical": "technical", "directional": "directional", "anatomy": "anatomical", "biology": "biological"}
+_FILTER_AXES = {
+    "technical": "technical",
+    "directional": "directional",
+    "anatomy": "anatomical",
+    "biology": "biological",
+}
 _IRMA_SHAPE = re.compile("-".join(f"[^-]{{{AXIS_LENGTHS[axis]}}}" for axis in AXES))
 _HASH = re.compile(r"[0-9a-f]{64}")
 _ZERO_CODE = IrmaCode("0000", "000", "000", "000")
 _ID_CHUNK = 10_000
 
-# Public fields of `Store.get`, and how each is read back from its column.
+# The fields `Store.get` returns; those in _JSON_FIELDS are stored as JSON text.
 _JSON_FIELDS = {"confidences", "extra"}
 FIELDS = (
     "id", "location", "content_hash", "width", "height", "dataset", "true_code", "predicted",
@@ -125,8 +130,8 @@ class Filters:
                 object.__setattr__(self, "code", str(IrmaCode.parse(self.code)))
             except IrmaCodeError as error:
                 raise QueryError(f"filter code={self.code!r}: {error}") from None
-        if self.on not in SOURCES:
-            raise QueryError(f"filter on={self.on!r}: expected one of {', '.join(SOURCES)}")
+        if self.on not in _SOURCES:
+            raise QueryError(f"filter on={self.on!r}: expected one of {', '.join(_SOURCES)}")
         for name in ("dataset", "label"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -138,7 +143,7 @@ class Filters:
 
     def sql(self) -> tuple[str, list[str]]:
         """The WHERE condition and its parameters."""
-        source = SOURCES[self.on]
+        source = _SOURCES[self.on]
         terms, params = [], []
         for name, axis in _FILTER_AXES.items():
             prefix = getattr(self, name)
@@ -198,15 +203,15 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS failures (location TEXT PRIMARY KEY, reason TEXT NOT NULL, at TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 ]
-_INSERT_COLUMNS = (
+_COLUMNS = (
     "location", "content_hash", "width", "height", "dataset", "true_code", "predicted", "confidences",
     "confidence", "labels", "extra", "embedding", "added_at", *_CODE_COLUMNS,
 )  # fmt: skip
-_INSERT = f"INSERT INTO images ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join('?' * len(_INSERT_COLUMNS))})"
+_INSERT = f"INSERT INTO images ({', '.join(_COLUMNS)}) VALUES ({', '.join(':' + column for column in _COLUMNS)})"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _json_ids(ids: Iterable[int]) -> str:
@@ -240,7 +245,8 @@ class Store:
         if version is not None and version > SCHEMA_VERSION:
             self._db.close()
             raise IndexConfigError(
-                f"{self.path} has store schema version {version}; this cbmir reads up to {SCHEMA_VERSION}: upgrade cbmir"
+                f"{self.path} has store schema version {version}; this cbmir reads up to {SCHEMA_VERSION}: "
+                "upgrade cbmir"
             )
 
     # -- plumbing -------------------------------------------------------------------------------------------
@@ -257,6 +263,7 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            self._db.execute("PRAGMA optimize")  # refresh the planner's statistics for the filter indexes
             self._db.close()
 
     # -- meta and counts ------------------------------------------------------------------------------------
@@ -297,10 +304,12 @@ class Store:
         if embeddings.ndim != 2 or len(embeddings) != len(entries):
             raise ValueError(f"embeddings of shape {embeddings.shape} for {len(entries)} entries")
         added_at = _now()
-        rows = [_row(number, entry, vector, added_at) for number, (entry, vector) in enumerate(zip(entries, embeddings))]
+        rows = [
+            _row(number, entry, vector, added_at) for number, (entry, vector) in enumerate(zip(entries, embeddings))
+        ]
         seen: dict[str, int] = {}
         for number, entry in enumerate(entries):
-            first = seen.setdefault(rows[number][1], number)
+            first = seen.setdefault(rows[number]["content_hash"], number)
             if first != number:
                 raise DuplicateImageError(
                     f"entry {number} ({entry.location!r}) has the same content hash as entry {first} "
@@ -319,19 +328,20 @@ class Store:
                 )
             )
             for number, entry in enumerate(entries):
-                if rows[number][1] in stored:
+                known = rows[number]["content_hash"]
+                if known in stored:
                     raise DuplicateImageError(
-                        f"entry {number} ({entry.location!r}): content hash {rows[number][1]} is already stored "
-                        f"(from {stored[rows[number][1]]!r}); skip known files with hashes_present"
+                        f"entry {number} ({entry.location!r}): content hash {known} is already stored "
+                        f"(from {stored[known]!r}); skip known files with hashes_present"
                     )
             ids = []
             for row, entry in zip(rows, entries):
                 image_id = self._db.execute(_INSERT, row).lastrowid
                 ids.append(image_id)
-                labels = {label for label in (entry.true_code, *entry.labels) if label}
+                labels = {label.strip() for label in (row["true_code"], *entry.labels) if label}
                 self._db.executemany(
                     "INSERT OR IGNORE INTO image_labels (label, image_id) VALUES (?, ?)",
-                    [(label.strip(), image_id) for label in labels],
+                    [(label, image_id) for label in labels],
                 )
             self._db.execute(
                 "DELETE FROM failures WHERE location IN (SELECT value FROM json_each(?))",
@@ -349,14 +359,24 @@ class Store:
                 if missing:
                     raise QueryError(f"no image with id {', '.join(map(str, sorted(missing)[:10]))} in this index")
                 for chunk in _chunks(ids):
-                    self._db.execute("DELETE FROM image_labels WHERE image_id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),))
-                    self._db.execute("DELETE FROM images WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),))
+                    self._db.execute(
+                        "DELETE FROM image_labels WHERE image_id IN (SELECT value FROM json_each(?))",
+                        (_json_ids(chunk),),
+                    )
+                    self._db.execute(
+                        "DELETE FROM images WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),)
+                    )
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _present(self, ids: Sequence[int]) -> list[int]:
         found = []
         for chunk in _chunks(ids):
-            found += [row[0] for row in self._db.execute("SELECT id FROM images WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),))]
+            found += [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT id FROM images WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),)
+                )
+            ]
         return found
 
     def get(self, ids: Sequence[int], fields: Sequence[str]) -> list[dict[str, Any]]:
@@ -498,8 +518,8 @@ def _json(number: int, entry: ImageEntry, name: str, value: Any) -> str:
         raise EntryError(f"entry {number} ({entry.location!r}): {name} cannot be stored as JSON ({error})") from None
 
 
-def _row(number: int, entry: ImageEntry, vector: np.ndarray, added_at: str) -> tuple:
-    """The INSERT parameters for one entry, after checking every field."""
+def _row(number: int, entry: ImageEntry, vector: np.ndarray, added_at: str) -> dict[str, Any]:
+    """The column values of one entry, after checking every field."""
 
     def fail(reason: str) -> EntryError:
         return EntryError(f"entry {number} ({getattr(entry, 'location', None)!r}): {reason}")
@@ -532,21 +552,19 @@ def _row(number: int, entry: ImageEntry, vector: np.ndarray, added_at: str) -> t
     true_code, true_axes = _code_axes(number, entry, "true_code")
     predicted, pred_axes = _code_axes(number, entry, "predicted")
     best_axes = true_axes if true_code is not None else pred_axes
-    return (
-        entry.location,
-        content_hash,
-        int(entry.width),
-        int(entry.height),
-        entry.dataset,
-        true_code,
-        predicted,
-        _json(number, entry, "confidences", {str(k): float(v) for k, v in entry.confidences.items()}),
-        None if entry.confidence is None else float(entry.confidence),
-        _json(number, entry, "labels", list(entry.labels)),
-        _json(number, entry, "extra", dict(entry.extra)),
-        vector.tobytes(),
-        added_at,
-        *true_axes,
-        *pred_axes,
-        *best_axes,
-    )
+    return {
+        "location": entry.location,
+        "content_hash": content_hash,
+        "width": int(entry.width),
+        "height": int(entry.height),
+        "dataset": entry.dataset,
+        "true_code": true_code,
+        "predicted": predicted,
+        "confidences": _json(number, entry, "confidences", {str(k): float(v) for k, v in entry.confidences.items()}),
+        "confidence": None if entry.confidence is None else float(entry.confidence),
+        "labels": _json(number, entry, "labels", list(entry.labels)),
+        "extra": _json(number, entry, "extra", dict(entry.extra)),
+        "embedding": vector.tobytes(),
+        "added_at": added_at,
+        **dict(zip(_CODE_COLUMNS, [*true_axes, *pred_axes, *best_axes])),
+    }

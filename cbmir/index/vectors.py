@@ -27,7 +27,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
@@ -49,14 +49,16 @@ class IndexPolicy:
     """When to use which index type, and how hard approximate indexes search.
 
     Automatic types by vector count: exact ``Flat`` below `hnsw_from` (one 512-d query over 100k vectors
-    takes about 40 ms on 2 CPU cores, over 1M about 210 ms), ``HNSW32`` below `ivf_from` (builds at about
-    2,400 vectors/s on 2 cores and cannot remove, so a removal rebuilds it), and ``IVF{n},Flat`` from
-    `ivf_from` with n = 4·sqrt(count) rounded to a power of two (trains on a sample of 64 vectors per list).
-    A type that needs training is used once the store holds 39 vectors per list; until then ``Flat`` is.
+    takes about 35 ms on 2 CPU cores, over 1M about 210 ms); ``HNSW32`` below `ivf_from` (builds at about
+    2,400 vectors/s on 2 cores, and cannot remove, so a removal rebuilds it); ``IVF{n},Flat`` from
+    `ivf_from`, n = 4·sqrt(count) rounded down to a power of two and at most count / 39, trained on a
+    sample of 64 vectors per list. An IVF type named by the user is used once the store holds 39 vectors
+    per list; ``Flat`` until then.
 
-    A filtered search on an approximate index is computed exactly over the stored embeddings of the
-    matching images when they are at most `exact_filter_limit`; beyond that FAISS searches with an id
-    selector and with `ef_search` / `nprobe` widened by count / matches.
+    Filtered searches are exact on ``Flat``. On approximate types they are exact too while at most
+    `exact_filter_limit` images match (only the matching vectors are scanned: the flat storage under the
+    HNSW graph, every IVF list); beyond that FAISS searches with an id selector and with `ef_search` /
+    `nprobe` widened by the ratio of all vectors to matching ones.
     """
 
     hnsw_from: int = 200_000
@@ -72,7 +74,8 @@ def automatic_type(count: int, policy: IndexPolicy) -> str:
         return "Flat"
     if count < policy.ivf_from:
         return "HNSW32"
-    return f"IVF{2 ** round(math.log2(4 * math.sqrt(count)))},Flat"
+    lists = min(4 * math.sqrt(count), count / TRAIN_PER_CENTROID)  # FAISS's 4·sqrt(n) rule, if trainable
+    return f"IVF{1 << max(0, math.floor(math.log2(max(lists, 1))))},Flat"
 
 
 def _faiss_message(error: RuntimeError) -> str:
@@ -81,21 +84,23 @@ def _faiss_message(error: RuntimeError) -> str:
 
 
 def _empty_index(dimension: int, index_type: str) -> faiss.Index:
+    """A new index of `index_type`, with store ids. Only types that keep vectors uncompressed (Flat, HNSW
+    over flat storage, IVF with flat lists) are accepted, so that a filtered search can always be exact."""
+    hint = "use Flat, HNSW{M} (such as HNSW32) or IVF{lists},Flat (such as IVF1024,Flat)"
     try:
         index = faiss.index_factory(dimension, index_type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         raise IndexConfigError(
             f"index type {index_type!r}: FAISS cannot build it for {dimension}-d vectors "
-            f"({_faiss_message(error)}); use a FAISS factory string such as Flat, HNSW32 or IVF1024,Flat"
+            f"({_faiss_message(error)}); {hint}"
         ) from None
-    return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap2(index)
+    if not isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)):
+        raise IndexConfigError(f"index type {index_type!r} compresses or transforms the vectors; {hint}")
+    return index if isinstance(index, faiss.IndexIVF) else faiss.IndexIDMap2(index)
 
 
 def _training_minimum(index: faiss.Index) -> int:
-    if index.is_trained:
-        return 0
-    ivf = faiss.try_extract_index_ivf(index)
-    return TRAIN_PER_CENTROID * (ivf.nlist if ivf is not None else 256)  # 256: the codebook size of PQ/SQ
+    return 0 if index.is_trained else TRAIN_PER_CENTROID * index.nlist  # only IVF needs training
 
 
 def _as_float32(array: np.ndarray) -> np.ndarray:
@@ -155,10 +160,6 @@ class Vectors:
         return self.folder / MANIFEST_FILE
 
     @property
-    def count(self) -> int:
-        return 0 if self.index is None else self.index.ntotal
-
-    @property
     def unsaved(self) -> int:
         """Vectors added since the index file was last written."""
         return self._unsaved
@@ -210,6 +211,8 @@ class Vectors:
         for key, value in expected.items():
             if manifest.get(key) != value:
                 return f"its {key} is {manifest.get(key)!r}, wanted {value!r}"
+        if not isinstance(manifest.get("last_id"), int):
+            return f"its last_id is {manifest.get('last_id')!r}"
         try:
             size, digest = _file_digest(self.index_path)
         except FileNotFoundError:
@@ -233,9 +236,9 @@ class Vectors:
         for ids, vectors in self.store.iter_embeddings():
             self._add(ids, vectors)
 
-    def _training_sample(self, index: faiss.Index) -> np.ndarray:
+    def _training_sample(self, index: faiss.IndexIVF) -> np.ndarray:
         ids = self.store.query(Filters())
-        size = min(len(ids), _training_minimum(index) // TRAIN_PER_CENTROID * SAMPLE_PER_CENTROID)
+        size = min(len(ids), SAMPLE_PER_CENTROID * index.nlist)
         chosen = np.random.default_rng(0).choice(ids, size, replace=False)
         return _as_float32(np.concatenate([vectors for _, vectors in self.store.iter_embeddings(ids=chosen)]))
 
@@ -243,7 +246,9 @@ class Vectors:
         """Write the index and its manifest, first switching type if the store's size now asks for another."""
         wanted = self._wanted_type(dimension)
         if wanted != self.type:
-            log.info("%s: switching from %s to %s for %d images", self.index_path, self.type, wanted, self.store.count())
+            log.info(
+                "%s: switching from %s to %s for %d images", self.index_path, self.type, wanted, self.store.count()
+            )
             self._rebuild(dimension, wanted)
         written: dict[str, tuple[int, str]] = {}
 
@@ -262,12 +267,14 @@ class Vectors:
             "last_id": self._last_id,
             "size": size,
             "sha256": digest,
-            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
         def write_manifest(path: Path) -> None:
-            path.write_text(json.dumps(manifest, indent=2) + "\n")
-            _file_digest(path)
+            with open(path, "w") as file:
+                file.write(json.dumps(manifest, indent=2) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
 
         _replace_atomically(self.manifest_path, write_manifest)
         directory = os.open(self.folder, os.O_RDONLY)
@@ -300,7 +307,10 @@ class Vectors:
         self._add(ids, vectors)
         self._unsaved += len(ids)
         if self._unsaved >= self.policy.write_every:
-            self._write(self.index.d)
+            try:
+                self._write(self.index.d)
+            except (OSError, RuntimeError) as error:  # the images are stored: a later write or open makes up for it
+                log.error("could not write %s (%s); retrying at the next write", self.index_path, error)
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove vectors already deleted from the store, and write the index so they leave the disk too.
@@ -320,7 +330,7 @@ class Vectors:
 
     def search(self, query: np.ndarray, k: int, within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ids and inner products of the k vectors nearest to `query`, best first, among `within`
-        (sorted store ids) when given. Exact for `Flat`, and for any type when `within` is small."""
+        (store ids) when given. Exact on a Flat index, and on any index when `within` is small."""
         nothing = np.zeros(0, np.int64), np.zeros(0, np.float32)
         if self.index is None or self.index.ntotal == 0 or (within is not None and len(within) == 0):
             return nothing
@@ -331,29 +341,31 @@ class Vectors:
                 scores, ids = replica.search(query, k)
             else:
                 scores, ids = self.index.search(query, k, params=self._parameters(k, None, 1))
-        elif self.type == "Flat" or len(within) > self.policy.exact_filter_limit:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(within, dtype=np.int64))
-            widen = 1 if self.type == "Flat" else math.ceil(self.index.ntotal / len(within))
-            scores, ids = self.index.search(query, k, params=self._parameters(k, selector, widen))
         else:
-            return self._exact(query[0], k, within)
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(within, dtype=np.int64))
+            if self.type == "Flat" or len(within) <= self.policy.exact_filter_limit:
+                scores, ids = self._exact(query, k, selector)
+            else:
+                widen = math.ceil(self.index.ntotal / len(within))
+                scores, ids = self.index.search(query, k, params=self._parameters(k, selector, widen))
         found = ids[0] >= 0  # FAISS pads with -1 when fewer than k vectors qualify
         return ids[0][found], scores[0][found]
 
-    def _exact(self, query: np.ndarray, k: int, within: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Brute force over the stored embeddings of `within`; ties go to the smaller id."""
-        ids, scores = [], []
-        for batch_ids, vectors in self.store.iter_embeddings(ids=within, batch=8192):
-            ids.append(batch_ids)
-            scores.append(vectors @ query)
-        all_ids, all_scores = np.concatenate(ids), np.concatenate(scores)
-        best = np.argsort(-all_scores, kind="stable")[:k]
-        return all_ids[best], all_scores[best]
+    def _exact(self, query: np.ndarray, k: int, selector: faiss.IDSelector) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the selected vectors: every supported type keeps its vectors uncompressed."""
+        if isinstance(self.index, faiss.IndexIVF):  # probing every list is exhaustive
+            return self.index.search(query, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nlist))
+        inner = faiss.downcast_index(self.index.index)
+        if isinstance(inner, faiss.IndexHNSW):  # the graph's flat storage, positions translated to store ids
+            translated = faiss.IDSelectorTranslated(self.index.id_map, selector)
+            scores, positions = inner.storage.search(query, k, params=faiss.SearchParameters(sel=translated))
+            ids = np.array([[self.index.id_map.at(int(p)) if p >= 0 else -1 for p in positions[0]]], np.int64)
+            return scores, ids
+        return self.index.search(query, k, params=faiss.SearchParameters(sel=selector))
 
     def _parameters(self, k: int, selector: faiss.IDSelector | None, widen: int) -> faiss.SearchParameters:
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            return faiss.SearchParametersIVF(sel=selector, nprobe=min(ivf.nlist, self.policy.nprobe * widen))
+        if isinstance(self.index, faiss.IndexIVF):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=min(self.index.nlist, self.policy.nprobe * widen))
         if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
             return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.policy.ef_search, k) * widen)
         return faiss.SearchParameters(sel=selector)
@@ -366,7 +378,7 @@ class Vectors:
             if _gpu_count() > 0:
                 try:
                     replica = faiss.index_cpu_to_all_gpus(self.index)
-                    if faiss.try_extract_index_ivf(self.index) is not None:
+                    if isinstance(self.index, faiss.IndexIVF):
                         faiss.GpuParameterSpace().set_index_parameter(replica, "nprobe", self.policy.nprobe)
                     self._gpu = replica
                 except RuntimeError as error:  # types FAISS cannot put on a GPU, such as HNSW

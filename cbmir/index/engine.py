@@ -1,0 +1,364 @@
+"""The retrieval engine: one index folder (``store.sqlite``, ``vectors.faiss``, ``vectors.json``) behind
+add / search / remove, safe to share between threads.
+
+An index holds the vectors of one model: the model stamp and the embedding dimension are recorded with the
+first images (or at open), and any other model or dimension is refused with an `IndexMismatchError`.
+One process at a time may open a folder (an advisory lock on ``folder/.lock``, released by the kernel
+even when the process is killed).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbmir.index.store import (
+    EntryError,
+    Filters,
+    ImageEntry,
+    IndexConfigError,
+    IndexMismatchError,
+    QueryError,
+    Store,
+    stamp_digest,
+)
+from cbmir.index.vectors import INDEX_FILE, MANIFEST_FILE, IndexPolicy, Vectors
+
+STORE_FILE, LOCK_FILE = "store.sqlite", ".lock"
+MAX_K = 10_000
+_HIT_FIELDS = ("location", "dataset", "true_code", "predicted", "confidence", "labels", "width", "height")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the image's id, its similarity (inner product of unit vectors, at most 1) and
+    what a result list shows of it."""
+
+    id: int
+    score: float
+    location: str
+    dataset: str
+    true_code: str | None
+    predicted: str | None
+    confidence: float | None
+    labels: tuple[str, ...]
+    width: int
+    height: int
+
+
+def describe_stamp(stamp: Any) -> str:
+    """A short name for a model stamp: architecture, creation time and digest."""
+    if stamp is None:
+        return "(unknown model)"
+    parts = []
+    if isinstance(stamp, dict):
+        architecture = stamp.get("architecture")
+        parts.append(architecture.get("name") if isinstance(architecture, dict) else architecture)
+        parts.append(stamp.get("created"))
+    described = " ".join(str(part) for part in parts if part)
+    return f"{described} ({stamp_digest(stamp)[:12]})" if described else stamp_digest(stamp)[:12]
+
+
+def describe_model(stamp: Any, dimension: int | None) -> str:
+    return describe_stamp(stamp) + (f" / {dimension}-d" if dimension else "")
+
+
+def _lock(folder: Path) -> int:
+    handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(handle, 32).decode(errors="replace").strip() or "?"
+        os.close(handle)
+        raise IndexConfigError(
+            f"the index {folder} is already open (process {holder}): one process at a time may open an index"
+        ) from None
+    os.ftruncate(handle, 0)
+    os.write(handle, str(os.getpid()).encode())
+    return handle
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+        raise QueryError(f"k={k!r}: the number of results must be an integer from 1 to {MAX_K}")
+    return int(k)
+
+
+def _ids(ids: Iterable[Any]) -> list[int]:
+    values = list(ids.tolist() if isinstance(ids, np.ndarray) else ids)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise QueryError(f"image id {value!r} is not an integer")
+    return [int(value) for value in values]
+
+
+class Engine:
+    """Add, search and remove radiographs of one index folder. Open it with `Engine.open`."""
+
+    def __init__(self, folder: Path, store: Store, vectors: Vectors, lock: int, embedder: Any):
+        self.folder, self.embedder = folder, embedder
+        self._store, self._vectors, self._lock_handle = store, vectors, lock
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        stamp: Any = None,
+        dimension: int | None = None,
+        index_type: str | None = None,
+        embedder: Any = None,
+        policy: IndexPolicy | None = None,
+    ) -> Engine:
+        """Create or open the index in `folder`.
+
+        `stamp` / `dimension` (or an `embedder`, which gives both) name the model whose vectors the index
+        holds; they are recorded if the index has none yet and must equal the recorded ones otherwise.
+        Without them the recorded model is used, and adding needs one to be recorded. `index_type` is a FAISS
+        factory string (``Flat``, ``HNSW32``, ``IVF4096,Flat``) or ``auto`` (by size, see `IndexPolicy`); it
+        is recorded, and None keeps the recorded choice (``auto`` for a new index).
+        """
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise IndexConfigError(f"cannot create the index folder {folder}: {error.strerror}") from None
+        if embedder is not None:
+            own_stamp, own_dimension = embedder.checkpoint.stamp, embedder.dimension
+            if (stamp is not None and stamp_digest(stamp) != stamp_digest(own_stamp)) or (
+                dimension is not None and dimension != own_dimension
+            ):
+                raise IndexConfigError(
+                    f"the model given ({describe_model(stamp, dimension)}) differs from the embedder's own "
+                    f"({describe_model(own_stamp, own_dimension)}): give the embedder alone"
+                )
+            stamp, dimension = own_stamp, own_dimension
+        if dimension is not None and (isinstance(dimension, bool) or not isinstance(dimension, int) or dimension < 1):
+            raise IndexConfigError(f"dimension={dimension!r}: expected a positive integer")
+        if index_type is not None and (not isinstance(index_type, str) or not index_type.strip()):
+            raise IndexConfigError(f"index_type={index_type!r}: expected a FAISS factory string or 'auto'")
+        if stamp is not None:
+            try:
+                json.dumps(stamp, allow_nan=False)
+            except (TypeError, ValueError) as error:
+                raise IndexConfigError(f"the model stamp must be JSON data ({error})") from None
+        lock = _lock(folder)
+        store = None
+        try:
+            store = Store(folder / STORE_FILE)
+            recorded_stamp, recorded_dimension = store.meta("stamp"), store.meta("dimension")
+            if (
+                recorded_stamp is not None and stamp is not None and stamp_digest(recorded_stamp) != stamp_digest(stamp)
+            ) or (recorded_dimension is not None and dimension is not None and recorded_dimension != dimension):
+                raise IndexMismatchError(
+                    f"this index ({folder}) was built with model {describe_model(recorded_stamp, recorded_dimension)}; "
+                    f"you are using {describe_model(stamp, dimension)}. An index holds the vectors of one model: "
+                    f"use another folder, or re-index"
+                )
+            if recorded_stamp is None and stamp is not None:
+                store.set_meta("stamp", stamp)
+            if recorded_dimension is None and dimension is not None:
+                store.set_meta("dimension", dimension)
+            requested = index_type.strip() if index_type is not None else store.meta("index_type") or "auto"
+            vectors = Vectors(folder, store, requested, policy or IndexPolicy())
+            store.set_meta("index_type", requested)
+        except BaseException:
+            if store is not None:
+                store.close()
+            os.close(lock)
+            raise
+        return cls(folder, store, vectors, lock, embedder)
+
+    # -- life cycle -----------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write the vector index if it changed since its last write."""
+        with self._lock:
+            self._vectors.flush()
+
+    def close(self) -> None:
+        """Flush, close the store and release the folder. Closing twice is harmless."""
+        with self._lock:
+            if self._lock_handle is None:
+                return
+            try:
+                self._vectors.flush()
+            finally:
+                self._store.close()
+                os.close(self._lock_handle)
+                self._lock_handle = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def stamp(self) -> Any:
+        return self._store.meta("stamp")
+
+    @property
+    def dimension(self) -> int | None:
+        return self._store.meta("dimension")
+
+    # -- adding and removing --------------------------------------------------------------------------------
+
+    def add(self, entries: Sequence[ImageEntry]) -> np.ndarray:
+        """Add images in one transaction (all or none) and return their ids. Embeddings are normalised to
+        unit length; a NaN, zero or wrongly shaped one is an `EntryError`, another dimension than the
+        index's an `IndexMismatchError`, both naming the entry. A content hash already stored (or twice in
+        the batch) is a `DuplicateImageError`: skip known files with `hashes_present` first."""
+        entries = list(entries)
+        if not entries:
+            return np.zeros(0, np.int64)
+        with self._lock:
+            if self.stamp is None:
+                raise IndexConfigError(
+                    "this index has no model recorded: open it with stamp= or embedder= before adding images"
+                )
+            vectors = self._embeddings(entries)
+            self._vectors.prepare(vectors.shape[1])
+            ids = self._store.add(entries, vectors)
+            self._vectors.add(ids, vectors)
+            return ids
+
+    def _embeddings(self, entries: list[ImageEntry]) -> np.ndarray:
+        dimension = self.dimension
+        rows = []
+        for number, entry in enumerate(entries):
+            where = f"entry {number} ({getattr(entry, 'location', None)!r})"
+            try:
+                vector = np.asarray(getattr(entry, "embedding", None), dtype=np.float64)
+            except (TypeError, ValueError):
+                raise EntryError(f"{where}: the embedding is not an array of numbers") from None
+            if vector.ndim != 1 or vector.size == 0:
+                raise EntryError(f"{where}: the embedding must be one vector, got shape {vector.shape}")
+            if dimension is None:
+                dimension = vector.size
+            if vector.size != dimension:
+                raise IndexMismatchError(
+                    f"{where}: the embedding has {vector.size} values; this index holds {dimension}-d vectors "
+                    f"of model {describe_stamp(self.stamp)}"
+                )
+            if not np.isfinite(vector).all():
+                raise EntryError(f"{where}: the embedding contains NaN or infinite values")
+            norm = np.linalg.norm(vector)
+            if norm == 0:
+                raise EntryError(f"{where}: the embedding is all zeros")
+            rows.append(vector / norm)
+        return np.ascontiguousarray(rows, dtype=np.float32)
+
+    def remove(self, ids: Iterable[int]) -> None:
+        """Remove images for good: rows deleted and overwritten in the store, vectors removed from the index
+        file. An unknown id is a `QueryError` and nothing is removed."""
+        wanted = _ids(ids)
+        if not wanted:
+            return
+        with self._lock:
+            self._store.remove(wanted)
+            self._vectors.remove(np.unique(np.array(wanted, dtype=np.int64)))
+
+    def hashes_present(self, hashes: Iterable[str]) -> set[str]:
+        """Which of these content hashes are already indexed (lower case)."""
+        return self._store.hashes_present(hashes)
+
+    def record_failures(self, rows: Iterable[tuple[str, str]]) -> None:
+        """Record (location, reason) for files that could not be indexed; see `failures`."""
+        self._store.record_failures(rows)
+
+    def failures(self) -> list[dict[str, str]]:
+        return self._store.failures()
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    def get(self, ids: Iterable[int], fields: Sequence[str]) -> list[dict[str, Any]]:
+        """The stored `fields` (see `cbmir.index.store.FIELDS`) of each image, in the order of `ids`."""
+        return self._store.get(_ids(ids), fields)
+
+    def search(self, vector: np.ndarray, k: int = 10, filters: Filters | None = None) -> list[Hit]:
+        """The k images most similar to `vector` among those passing `filters`, best first; fewer when fewer
+        pass. Exact (equal to brute force) on a Flat index and whenever the filters are selective."""
+        k = _check_k(k)
+        if filters is not None and not isinstance(filters, Filters):
+            raise QueryError(f"filters must be a Filters, got {type(filters).__name__}")
+        with self._lock:
+            query = self._query_vector(vector)
+            within = None if filters is None or filters.is_empty else self._store.query(filters)
+            ids, scores = self._vectors.search(query, k, within)
+            return self._hits(ids, scores)
+
+    def _query_vector(self, vector: np.ndarray) -> np.ndarray:
+        try:
+            query = np.asarray(vector, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise QueryError("the query vector is not an array of numbers") from None
+        if self.dimension is not None and query.size != self.dimension:
+            raise IndexMismatchError(
+                f"this index was built with model {describe_model(self.stamp, self.dimension)}; "
+                f"the query vector has {query.size} values"
+            )
+        norm = np.linalg.norm(query)
+        if not np.isfinite(query).all() or norm == 0:
+            raise QueryError("the query vector must be finite and not all zeros")
+        return (query / norm).astype(np.float32)
+
+    def _hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        rows = self._store.get(ids.tolist(), _HIT_FIELDS)
+        return [Hit(int(i), float(score), **row) for i, score, row in zip(ids, scores, rows)]
+
+    def search_image(self, pixels: np.ndarray, k: int = 10, filters: Filters | None = None) -> tuple[Any, list[Hit]]:
+        """Embed a grey radiograph (2-D array) with the engine's embedder; return its `Prediction` and hits."""
+        if self.embedder is None:
+            raise QueryError("searching by image needs a model: open the index with embedder=")
+        _check_k(k)
+        embeddings, predictions = self.embedder.embed_and_predict([pixels])
+        return predictions[0], self.search(embeddings.vectors[0], k, filters)
+
+    def search_by_id(
+        self, image_id: int, k: int = 10, filters: Filters | None = None, *, include_self: bool = True
+    ) -> list[Hit]:
+        """Images similar to a stored one. It comes first itself when it passes the filters, unless
+        `include_self` is False."""
+        [image_id] = _ids([image_id])
+        k = _check_k(k)
+        with self._lock:
+            [row] = self._store.get([image_id], ["embedding"])
+            hits = self.search(row["embedding"], min(k + 1, MAX_K), filters)
+            others = [hit for hit in hits if hit.id != image_id]
+            if not include_self:
+                return others[:k]
+            own = next((hit for hit in hits if hit.id == image_id), None)
+            if own is None and (filters is None or image_id in self._store.query(filters)):
+                # pushed out of the top k + 1 by identical duplicates: it is still the best match
+                own = self._hits(np.array([image_id]), np.array([row["embedding"] @ row["embedding"]]))[0]
+            return ([own] if own else []) + others[: k - 1 if own else k]
+
+    def stats(self) -> dict[str, Any]:
+        """Size and make-up of the index, for status pages and the CLI."""
+        with self._lock:
+            files = {
+                name: (self.folder / name).stat().st_size
+                for name in (STORE_FILE, f"{STORE_FILE}-wal", INDEX_FILE, MANIFEST_FILE)
+                if (self.folder / name).exists()
+            }
+            return {
+                "count": self._store.count(),
+                "dimension": self.dimension,
+                "index_type": self._vectors.type,
+                "model": describe_stamp(self.stamp),
+                "stamp_digest": stamp_digest(self.stamp),
+                "datasets": self._store.dataset_counts(),
+                "failures": len(self._store.failures()),
+                "unsaved_vectors": self._vectors.unsaved,
+                "files": files,
+            }
