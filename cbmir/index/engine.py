@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,6 +271,10 @@ class Engine:
     def hashes_present(self, hashes: Iterable[str]) -> set[str]:
         """Which of these content hashes are already indexed (lower case)."""
         return self._store.hashes_present(hashes)
+
+    def content_hashes(self) -> Iterator[str]:
+        """Every indexed content hash."""
+        return self._store.content_hashes()
 
     def record_failures(self, rows: Iterable[tuple[str, str]]) -> None:
         """Record (location, reason) for files that could not be indexed; see `failures`."""

@@ -422,6 +422,12 @@ class Store:
                 present.update(row[0] for row in cursor)
         return present
 
+    def content_hashes(self) -> Iterator[str]:
+        """Every stored content hash, streamed (for the indexer's workers to skip known files early)."""
+        with self._lock:
+            rows = self._db.execute("SELECT content_hash FROM images").fetchall()
+        return (row[0] for row in rows)
+
     def iter_embeddings(
         self, *, after_id: int = 0, batch: int = 4096, ids: Sequence[int] | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -188,7 +188,8 @@ class Vectors:
                     self._write(dimension)
                 return
             problem = f"it holds {self.index.ntotal} vectors, the store {self.store.count()} images (removed since)"
-        log.warning("rebuilding %s from the store: %s", self.index_path, problem)
+        level = logging.WARNING if self.store.count() else logging.DEBUG  # a new, empty index is no news
+        log.log(level, "rebuilding %s from the store: %s", self.index_path, problem)
         self._rebuild(dimension, wanted)
         self._write(dimension)
 

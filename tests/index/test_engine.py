@@ -175,7 +175,11 @@ def test_removed_images_are_gone_from_results_and_disk(tmp_path, index_type):
     engine, entries = fresh(tmp_path, index_type=index_type)
     engine.flush()
     gone = [5, 6, 300, 799]
+    stored = [row["embedding"].tobytes() for row in engine.get(gone, ["embedding"])]
     engine.remove(gone)
+    on_disk = (tmp_path / "vectors.faiss").read_bytes()  # written by remove itself
+    assert not any(vector in on_disk for vector in stored)
+    assert engine.get([7], ["embedding"])[0]["embedding"].tobytes() in on_disk
     kept = {i: entry for i, entry in entries.items() if i not in gone}
     vectors = vectors_of(kept)
     for i in gone:
