@@ -207,6 +207,15 @@ def evaluate(
 DbOption = Annotated[Path, typer.Option("--db", help="Index folder (SQLite store + FAISS vectors).")]
 
 
+def _existing_index(db: Path) -> Path:
+    """Read commands must not create an empty index where the user mistyped a folder."""
+    from cbmir.index.engine import STORE_FILE
+
+    if not (db / STORE_FILE).is_file():
+        raise CbmirError(f"{db} holds no cbmir index (no {STORE_FILE}); build one with `cbmir index`")
+    return db
+
+
 @app.command()
 @reports_errors
 def index(
@@ -261,7 +270,7 @@ def search(
                       on=on, dataset=dataset, label=label)
     pixels = read_image(image).pixels
     code_tables = _tables(tables)
-    with Engine.open(db, embedder=Embedder(load_checkpoint(model))) as engine:
+    with Engine.open(_existing_index(db), embedder=Embedder(load_checkpoint(model))) as engine:
         prediction, hits = engine.search_image(pixels, k, filters)
     typer.echo(f"predicted: {prediction.label} (confidence {prediction.confidence:.3f})")
     if prediction.axes:
@@ -281,7 +290,7 @@ def db_stats(db: DbOption) -> None:
     """Images, model, index type, datasets and failures of an index."""
     from cbmir.index import Engine
 
-    with Engine.open(db) as engine:
+    with Engine.open(_existing_index(db)) as engine:
         typer.echo(json.dumps(engine.stats(), indent=2, sort_keys=True, default=str))
 
 
@@ -291,7 +300,7 @@ def db_failures(db: DbOption) -> None:
     """The files the indexer could not read, with the reason."""
     from cbmir.index import Engine
 
-    with Engine.open(db) as engine:
+    with Engine.open(_existing_index(db)) as engine:
         failures = engine.failures()
     for failure in failures:
         typer.echo("\t".join(str(value) for value in failure.values()))

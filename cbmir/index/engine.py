@@ -272,6 +272,10 @@ class Engine:
         """Which of these content hashes are already indexed (lower case)."""
         return self._store.hashes_present(hashes)
 
+    def query(self, filters: Filters | None = None) -> np.ndarray:
+        """The ids (sorted int64) of the images that pass `filters` (all images without)."""
+        return self._store.query(filters or Filters())
+
     def content_hashes(self) -> Iterator[str]:
         """Every indexed content hash."""
         return self._store.content_hashes()

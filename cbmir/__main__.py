@@ -1,0 +1,5 @@
+"""`python -m cbmir` runs the command line."""
+
+from cbmir.cli import app
+
+app()

@@ -1,0 +1,155 @@
+"""The batch indexer end to end: a real (small, untrained) model checkpoint, real worker processes, a real
+SQLite store and FAISS index, and a command-line run killed with SIGKILL."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cbmir.checkpoint import load_checkpoint, new_card, save_checkpoint
+from cbmir.cli import app
+from cbmir.datasets import open_dataset
+from cbmir.embed import Embedder
+from cbmir.imaging.preprocess import preset
+from cbmir.index import Engine, Filters
+from cbmir.labels import LabelSchema
+from cbmir.models import create_model
+from cbmir.synthetic import write_synthetic_archive
+from indexer.pipeline import index_records, read_archive
+from tests.conftest import shared_path
+
+CORRUPT = {"truncated": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "text": b"this is not an image\n", "empty": b""}
+
+
+def small_checkpoint(folder: Path, codes: list[str]) -> Path:
+    """An untrained 64-px chest CNN with IRMA axis heads: a real model, fast enough for tests."""
+    schema = LabelSchema.from_labels("irma-axes", [(code,) for code in codes])
+    model = create_model("chest-cnn-chowdhury", schema.head_sizes).eval()
+    save_checkpoint(folder, model, new_card(model, schema, preset("constant-plain", size=64)))
+    return folder
+
+
+def archive_with_corrupt_files(folder: Path, source: Path) -> Path:
+    """An IRMA-layout archive whose images link to `source`'s, plus one corrupt file of each kind."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    lines = (source / "codes.csv").read_text().splitlines()
+    for line in lines[1:]:
+        image_id = line.split(";")[0]
+        (images / f"{image_id}.png").symlink_to(source / "images" / f"{image_id}.png")
+    for name, data in CORRUPT.items():
+        (images / f"corrupt-{name}.png").write_bytes(data)
+        lines.append(f"corrupt-{name};1121-127-700-500")
+    (folder / "codes.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    source = write_synthetic_archive(tmp_path_factory.mktemp("phantoms"), per_kind=6, longest_side=80)
+    archive = archive_with_corrupt_files(tmp_path_factory.mktemp("archive"), source)
+    codes = [line.split(";")[1] for line in (source / "codes.csv").read_text().splitlines()[1:]]
+    return archive, small_checkpoint(tmp_path_factory.mktemp("model"), codes)
+
+
+def test_index_then_rerun_skips_everything_and_reports_failures(phantoms, tmp_path):
+    archive, model = phantoms
+    embedder = Embedder(load_checkpoint(model), batch_size=8)
+    name, records = read_archive(archive)
+    assert len(records) == 18 + 3
+    with Engine.open(tmp_path, embedder=embedder) as engine:
+        first = index_records(records, engine, embedder, dataset=name, batch_size=8, progress=False)
+        assert (first.indexed, first.skipped, sum(first.failed.values())) == (18, 0, 3)
+        assert first.seconds["model"] > 0 and first.seconds["read"] > 0
+        again = index_records(records, engine, embedder, dataset=name, batch_size=8, progress=False)
+        assert (again.indexed, again.skipped) == (0, 18)
+        failures = {Path(row["location"]).name for row in engine.failures()}
+        assert failures == {f"corrupt-{kind}.png" for kind in CORRUPT}
+        assert engine.stats()["count"] == 18
+        [hit] = engine.search_by_id(1, 1)
+        assert hit.id == 1 and hit.score == pytest.approx(1.0, abs=1e-5)
+        chest = engine.search(np.asarray(engine.get([1], ["embedding"])[0]["embedding"]), 50,
+                              Filters(anatomy="5"))
+        assert chest and all(hit.true_code.split("-")[2].startswith("5") for hit in chest)
+
+
+def test_duplicate_content_in_one_run_is_indexed_once(phantoms, tmp_path):
+    archive, model = phantoms
+    folder = tmp_path / "twins"
+    folder.mkdir()
+    original = next((archive / "images").glob("synthetic-*.png"))
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(original.read_bytes())
+    embedder = Embedder(load_checkpoint(model))
+    name, records = read_archive(folder)
+    with Engine.open(tmp_path / "db", embedder=embedder) as engine:
+        summary = index_records(records, engine, embedder, dataset=name, progress=False)
+    assert (summary.indexed, summary.skipped) == (1, 1)
+
+
+def test_cli_index_search_and_stats(phantoms, tmp_path):
+    archive, model = phantoms
+    runner = CliRunner()
+    result = runner.invoke(app, ["index", str(archive), "--model", str(model), "--db", str(tmp_path / "db")])
+    assert result.exit_code == 0, result.output
+    assert "indexed 18" in result.output and "failed 3" in result.output
+    query = next((archive / "images").glob("synthetic-hand-*.png"))
+    result = runner.invoke(app, ["search", str(query), "--db", str(tmp_path / "db"), "--model", str(model),
+                                 "-k", "3", "--anatomy", "4"])
+    assert result.exit_code == 0, result.output
+    assert "predicted:" in result.output and "3 similar radiograph(s)" in result.output
+    assert result.output.count("1121-110-411-700") == 3
+    result = runner.invoke(app, ["db", "stats", "--db", str(tmp_path / "db")])
+    assert result.exit_code == 0 and '"count": 18' in result.output
+    result = runner.invoke(app, ["db", "stats", "--db", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "holds no cbmir index" in result.output
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_index_refuses_another_model(phantoms, tmp_path):
+    archive, model = phantoms
+    runner = CliRunner()
+    runner.invoke(app, ["index", str(archive), "--model", str(model), "--db", str(tmp_path / "db")])
+    other = small_checkpoint(tmp_path / "other", ["1121-127-700-500", "1123-110-500-000"])
+    result = runner.invoke(app, ["index", str(archive), "--model", str(other), "--db", str(tmp_path / "db")])
+    assert result.exit_code == 2 and "was built with model" in result.output
+
+
+def test_killed_runs_end_with_every_irma_image_exactly_once(tmp_path):
+    """The issue's crash check: index irma2007-dev plus corrupt files, SIGKILL the indexer at random moments
+    several times, run it again: 650 images exactly once, the corrupt files reported, FAISS == store."""
+    source = shared_path("irma2007-dev")
+    archive = archive_with_corrupt_files(tmp_path / "archive", source)
+    codes = sorted({line.split(";")[1] for line in (source / "codes.csv").read_text().splitlines()[1:]})
+    model = small_checkpoint(tmp_path / "model", codes)
+    db = tmp_path / "db"
+    command = [sys.executable, "-m", "cbmir", "index", str(archive), "--model", str(model), "--db", str(db),
+               "--batch-size", "16"]
+    rng = random.Random(7)
+    for _ in range(3):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        time.sleep(rng.uniform(3.0, 7.0))
+        os.killpg(process.pid, signal.SIGKILL)  # the workers die too
+        process.wait()
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    with Engine.open(db) as engine:
+        stats = engine.stats()
+        assert stats["count"] == 650
+        rows = engine.get([int(i) for i in engine.query()], ["content_hash", "location"])
+        assert len({row["content_hash"] for row in rows}) == 650
+        assert {Path(row["location"]).name for row in engine.failures()} == {f"corrupt-{k}.png" for k in CORRUPT}
+        probe = rng.sample([row["id"] for row in engine.get([int(i) for i in engine.query()], ["id"])], 5)
+        for image_id in probe:
+            [hit] = engine.search_by_id(image_id, 1)
+            assert hit.id == image_id
+    dataset = open_dataset(archive)
+    assert len(dataset.records) == 653
