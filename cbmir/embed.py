@@ -33,7 +33,8 @@ def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch.channels_last)
 
 
-def _batches(items: Iterable, size: int) -> Iterator[list]:
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last one shorter)."""
     batch = []
     for item in items:
         batch.append(item)
@@ -52,7 +53,7 @@ def run_model(
     device = device or default_device()
     model.eval().to(device, memory_format=torch.channels_last)
     vectors, logits = [], {head: [] for head in model.head_sizes}
-    for batch in _batches(images, batch_size):
+    for batch in batches(images, batch_size):
         output = model(images_to_tensor(np.stack(batch), device))
         vectors.append(torch.nn.functional.normalize(output.features, dim=1).float().cpu().numpy())
         for head, values in output.logits.items():

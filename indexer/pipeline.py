@@ -20,13 +20,13 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from cbmir.datasets import Record, load_pixels
-from cbmir.embed import Embedder, run_model
+from cbmir.embed import Embedder, batches, run_model
 from cbmir.errors import CbmirError
 from cbmir.imaging.io import ImageReadError, read_image
 from cbmir.imaging.preprocess import Preprocessing
@@ -116,17 +116,6 @@ def failure_kind(reason: str) -> str:
     return tail.split(" (")[0].split(";")[0][:60]
 
 
-def _batched(items: Iterable[Mapped], size: int) -> Iterator[list[Mapped]]:
-    batch: list[Mapped] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def index_records(records: Sequence[Record], engine: Engine, embedder: Embedder, *, dataset: str,
                   workers: int = 2, batch_size: int = 32, progress: bool = True) -> Summary:
     """Index `records` into `engine` with `embedder`'s model; returns the run's summary."""
@@ -136,7 +125,7 @@ def index_records(records: Sequence[Record], engine: Engine, embedder: Embedder,
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
                              initargs=(present, embedder.pipeline)) as pool:
         mapped = pool.map(map_record, records, chunksize=4)
-        for batch in _batched(mapped, batch_size):
+        for batch in batches(mapped, batch_size):
             for item in batch:
                 summary.seconds["read"] += item.read_seconds
                 summary.seconds["preprocess"] += item.preprocess_seconds
