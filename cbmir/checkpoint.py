@@ -53,7 +53,7 @@ class Checkpoint:
     @property
     def stamp(self) -> dict[str, Any]:
         """What an index records to refuse queries by another model: architecture, schema, preprocessing and
-        the weights' identity (the card's creation time and data fingerprint)."""
+        the weights' identity (the card's creation time)."""
         return {key: self.card[key] for key in ("architecture", "labels", "preprocessing", "created")}
 
 

@@ -473,9 +473,9 @@ def _check_data(parts: dict[str, list[Record]], schema: LabelSchema) -> None:
         if not parts[name]:
             raise TrainingError(f"the {name} part of the dataset is empty: more images are needed to train")
     if schema.task != "multi-label":
-        for head in schema.heads:
-            seen = {schema.targets([r.labels for r in parts["train"]])[head][i] for i in range(len(parts["train"]))}
-            if len(seen) < 2:
+        targets = schema.targets([r.labels for r in parts["train"]])
+        for head, values in targets.items():
+            if len(np.unique(values)) < 2:
                 raise TrainingError(f"the training part has a single class on head {head!r}: nothing to learn")
 
 
