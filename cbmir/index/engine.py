@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from cbmir.index.vectors import INDEX_FILE, MANIFEST_FILE, IndexPolicy, Vectors
 
 STORE_FILE, LOCK_FILE = "store.sqlite", ".lock"
 MAX_K = 10_000
+FILTER_CACHE_SIZE = 32
 _HIT_FIELDS = ("location", "dataset", "true_code", "predicted", "confidence", "labels", "width", "height")
 
 
@@ -107,6 +109,9 @@ class Engine:
         self.folder, self.embedder = folder, embedder
         self._store, self._vectors, self._lock_handle = store, vectors, lock
         self._lock = threading.RLock()
+        # ids passing recent filters: a radiologist keeps a filter for many queries, and the store query is
+        # the larger part of a filtered search over a big archive. Cleared by every add and remove.
+        self._filtered: OrderedDict[Filters, np.ndarray] = OrderedDict()
 
     @classmethod
     def open(
@@ -229,6 +234,7 @@ class Engine:
             vectors = self._embeddings(entries)
             self._vectors.prepare(vectors.shape[1])
             ids = self._store.add(entries, vectors)
+            self._filtered.clear()
             self._vectors.add(ids, vectors)
             return ids
 
@@ -266,6 +272,7 @@ class Engine:
             return
         with self._lock:
             self._store.remove(wanted)
+            self._filtered.clear()
             self._vectors.remove(np.unique(np.array(wanted, dtype=np.int64)))
 
     def hashes_present(self, hashes: Iterable[str]) -> set[str]:
@@ -301,9 +308,18 @@ class Engine:
             raise QueryError(f"filters must be a Filters, got {type(filters).__name__}")
         with self._lock:
             query = self._query_vector(vector)
-            within = None if filters is None or filters.is_empty else self._store.query(filters)
+            within = None if filters is None or filters.is_empty else self._passing(filters)
             ids, scores = self._vectors.search(query, k, within)
             return self._hits(ids, scores)
+
+    def _passing(self, filters: Filters) -> np.ndarray:
+        if filters in self._filtered:
+            self._filtered.move_to_end(filters)
+        else:
+            self._filtered[filters] = self._store.query(filters)
+            if len(self._filtered) > FILTER_CACHE_SIZE:
+                self._filtered.popitem(last=False)
+        return self._filtered[filters]
 
     def _query_vector(self, vector: np.ndarray) -> np.ndarray:
         try:
@@ -346,7 +362,7 @@ class Engine:
             if not include_self:
                 return others[:k]
             own = next((hit for hit in hits if hit.id == image_id), None)
-            if own is None and (filters is None or image_id in self._store.query(filters)):
+            if own is None and (filters is None or image_id in self._passing(filters)):
                 # pushed out of the top k + 1 by identical duplicates: it is still the best match
                 own = self._hits(np.array([image_id]), np.array([row["embedding"] @ row["embedding"]]))[0]
             return ([own] if own else []) + others[: k - 1 if own else k]

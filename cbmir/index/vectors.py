@@ -145,6 +145,7 @@ class Vectors:
         self._last_id = 0  # every stored id up to this one is in the index, unless removed since
         self._unsaved = 0
         self._gpu = None  # a GPU replica for unfiltered searches, None until made, False when impossible
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None  # see _flat_view
         for leftover in self.folder.glob(".vectors.*.tmp"):  # from a crash while writing
             leftover.unlink(missing_ok=True)
         dimension = store.meta("dimension")
@@ -226,14 +227,16 @@ class Vectors:
             return f"{INDEX_FILE} cannot be read ({_faiss_message(error)})"
         if index.ntotal != manifest.get("count") or index.d != dimension:
             return f"{INDEX_FILE} holds {index.ntotal} {index.d}-d vectors, its manifest says otherwise"
-        self.index, self.type, self._last_id, self._gpu = index, wanted, int(manifest["last_id"]), None
+        self.index, self.type, self._last_id = index, wanted, int(manifest["last_id"])
+        self._changed()
         return None
 
     def _rebuild(self, dimension: int, index_type: str) -> None:
         index = _empty_index(dimension, index_type)
         if not index.is_trained:
             index.train(self._training_sample(index))
-        self.index, self.type, self._last_id, self._gpu = index, index_type, 0, None
+        self.index, self.type, self._last_id = index, index_type, 0
+        self._changed()
         for ids, vectors in self.store.iter_embeddings():
             self._add(ids, vectors)
 
@@ -292,6 +295,10 @@ class Vectors:
 
     # -- changes --------------------------------------------------------------------------------------------
 
+    def _changed(self) -> None:
+        """Forget what was derived from the index (GPU replica, flat view): it changed."""
+        self._gpu, self._flat = None, None
+
     def prepare(self, dimension: int) -> None:
         """Make the (empty) index for the first vectors, so a bad index type fails before anything is stored."""
         if self.index is None:
@@ -301,7 +308,7 @@ class Vectors:
     def _add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         self.index.add_with_ids(_as_float32(vectors), np.ascontiguousarray(ids, dtype=np.int64))
         self._last_id = max(self._last_id, int(ids.max()))
-        self._gpu = None
+        self._changed()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors already stored under `ids`; writes the index every `write_every` vectors."""
@@ -324,7 +331,7 @@ class Vectors:
             removed = None
         if removed != len(ids):
             self._rebuild(self.index.d, self.type)
-        self._gpu = None
+        self._changed()
         self._write(self.index.d)
 
     # -- search ---------------------------------------------------------------------------------------------
@@ -336,15 +343,16 @@ class Vectors:
         if self.index is None or self.index.ntotal == 0 or (within is not None and len(within) == 0):
             return nothing
         query = _as_float32(query.reshape(1, -1))
-        if within is None:
-            replica = self._gpu_replica() if k <= GPU_MAX_K else None
-            if replica is not None:
-                scores, ids = replica.search(query, k)
-            else:
-                scores, ids = self.index.search(query, k, params=self._parameters(k, None, 1))
+        replica = self._gpu_replica() if within is None and k <= GPU_MAX_K else None
+        if replica is not None:
+            scores, ids = replica.search(query, k)
+        elif self.type == "Flat":
+            return self._flat_search(query[0], k, within)
+        elif within is None:
+            scores, ids = self.index.search(query, k, params=self._parameters(k, None, 1))
         else:
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(within, dtype=np.int64))
-            if self.type == "Flat" or len(within) <= self.policy.exact_filter_limit:
+            if len(within) <= self.policy.exact_filter_limit:
                 scores, ids = self._exact(query, k, selector)
             else:
                 widen = math.ceil(self.index.ntotal / len(within))
@@ -352,17 +360,49 @@ class Vectors:
         found = ids[0] >= 0  # FAISS pads with -1 when fewer than k vectors qualify
         return ids[0][found], scores[0][found]
 
+    def _flat_view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The Flat index's vectors as a numpy matrix (no copy), their store ids, and the order that sorts
+        the ids (None when already sorted, as they are when added in id order). Remade after every change,
+        since FAISS may move the vectors."""
+        if self._flat is None:
+            flat = faiss.downcast_index(self.index.index)
+            matrix = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+            ids = faiss.vector_to_array(self.index.id_map)
+            self._flat = matrix, ids, None if np.all(ids[1:] > ids[:-1]) else np.argsort(ids)
+        return self._flat
+
+    def _flat_search(self, query: np.ndarray, k: int, within: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search of a Flat index as one BLAS matrix-vector product. FAISS searches a single query on one
+        thread; BLAS uses every core, which halves the latency on two. A filter scores only the matching rows
+        when they are few, and otherwise picks them out of the full product, so filtering never costs more
+        than a search of everything."""
+        matrix, ids, order = self._flat_view()
+        if within is None:
+            scores = matrix @ query
+        else:
+            ascending = ids if order is None else ids[order]
+            positions = np.searchsorted(ascending, within)
+            positions = positions[(positions < len(ids)) & (ascending[np.minimum(positions, len(ids) - 1)] == within)]
+            positions = positions if order is None else order[positions]
+            scores = matrix[positions] @ query if len(positions) * 8 < len(ids) else (matrix @ query)[positions]
+            ids = ids[positions]
+        if k < len(scores):
+            top = np.argpartition(-scores, k - 1)[:k]
+        else:
+            top = np.arange(len(scores))
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return ids[top], scores[top]
+
     def _exact(self, query: np.ndarray, k: int, selector: faiss.IDSelector) -> tuple[np.ndarray, np.ndarray]:
-        """Brute force over the selected vectors: every supported type keeps its vectors uncompressed."""
+        """Brute force over the selected vectors of an IVF or HNSW index: both keep them uncompressed."""
         if isinstance(self.index, faiss.IndexIVF):  # probing every list is exhaustive
             return self.index.search(query, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nlist))
+        # the HNSW graph's flat storage, positions translated to store ids
         inner = faiss.downcast_index(self.index.index)
-        if isinstance(inner, faiss.IndexHNSW):  # the graph's flat storage, positions translated to store ids
-            translated = faiss.IDSelectorTranslated(self.index.id_map, selector)
-            scores, positions = inner.storage.search(query, k, params=faiss.SearchParameters(sel=translated))
-            ids = np.array([[self.index.id_map.at(int(p)) if p >= 0 else -1 for p in positions[0]]], np.int64)
-            return scores, ids
-        return self.index.search(query, k, params=faiss.SearchParameters(sel=selector))
+        translated = faiss.IDSelectorTranslated(self.index.id_map, selector)
+        scores, positions = inner.storage.search(query, k, params=faiss.SearchParameters(sel=translated))
+        ids = np.array([[self.index.id_map.at(int(p)) if p >= 0 else -1 for p in positions[0]]], np.int64)
+        return scores, ids
 
     def _parameters(self, k: int, selector: faiss.IDSelector | None, widen: int) -> faiss.SearchParameters:
         if isinstance(self.index, faiss.IndexIVF):
