@@ -43,7 +43,7 @@ from cbmir.models import create_model
 from cbmir.train import TrainConfig
 from indexer.pipeline import index_records, read_archive
 
-DIMENSION, K, BATCH = 512, 10, 32
+DIMENSION, K, BATCH, CLUSTERS = 512, 10, 32, 200
 # From broad to selective: about 50%, 11% and 0.5% of a generated archive (see generated_codes).
 FILTERS = {"none": None, "biology=7": Filters(biology="7"), "anatomy=5": Filters(anatomy="5"),
            "anatomy=52, biology=7": Filters(anatomy="52", biology="7")}
@@ -98,8 +98,14 @@ def generated_codes(count: int, rng: np.random.Generator) -> list[str]:
     return [f"1121-{d}-{a}-{b}" for d, a, b in zip(directional, anatomy, biology)]
 
 
-def unit_rows(count: int, rng: np.random.Generator) -> np.ndarray:
+def unit_rows(count: int, rng: np.random.Generator, clusters: int = 0) -> np.ndarray:
+    """Random unit vectors; with `clusters`, drawn around that many centres, as embeddings of radiographs
+    gather around their classes (uniform random vectors in 512-d have no near neighbours to find, which
+    would understate what approximate indexes reach)."""
     rows = rng.standard_normal((count, DIMENSION), dtype=np.float32)
+    if clusters:
+        centres = 3 * rng.standard_normal((clusters, DIMENSION), dtype=np.float32)
+        rows += centres[rng.integers(0, clusters, count)]
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     return rows
 
@@ -158,7 +164,7 @@ def index_types(count: int, policy: IndexPolicy) -> list[str]:
 
 def search_size(count: int, queries_per_run: int, work: Path) -> dict:
     rng = np.random.default_rng(count)
-    vectors, codes = unit_rows(count, rng), generated_codes(count, rng)
+    vectors, codes = unit_rows(count, rng, CLUSTERS), generated_codes(count, rng)
     # queries near stored vectors, as real queries are (a radiograph resembles some archive images)
     queries = vectors[rng.integers(0, count, queries_per_run)] + 0.5 * unit_rows(queries_per_run, rng)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)

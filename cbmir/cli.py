@@ -284,6 +284,39 @@ def search(
         typer.echo(f"{rank:>3}. score {hit.score:.4f}  id {hit.id:<7} {shown:<28} {hit.location}")
 
 
+@app.command()
+@reports_errors
+def serve(
+    db: DbOption,
+    model: Annotated[Path, typer.Option(help="Checkpoint folder the index was built with.")],
+    host: Annotated[str, typer.Option(help="Address to listen on; without a token only loopback is allowed.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    token_file: Annotated[Optional[Path], typer.Option(help="File whose first line is the bearer token (default: $CBMIR_TOKEN).")] = None,
+    tables: TablesOption = None,
+    max_upload_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 64,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image, in pixels (checked before decoding).")] = 50_000_000,
+    allow_originals: Annotated[bool, typer.Option(help="Serve original files, not only thumbnails.")] = False,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="A web origin allowed to call the API (repeatable).")] = None,
+    keep_dicom_tag: Annotated[Optional[list[str]], typer.Option(help="A DICOM tag to store with uploads besides the technical ones (repeatable).")] = None,
+) -> None:
+    """Start the query service: the HTTP API (/v1, docs at /docs) and the web page (/)."""
+    import uvicorn
+
+    from cbmir.irma import TABLES_ENV
+    from cbmir.service import ServiceSettings, create_app, read_token
+
+    tables = tables or (Path(os.environ[TABLES_ENV]) if os.environ.get(TABLES_ENV) else None)
+    settings = ServiceSettings(
+        db=_existing_index(db), model=model, tables=tables, token=read_token(token_file), host=host, port=port,
+        max_upload_bytes=int(max_upload_mb * (1 << 20)), max_pixels=max_pixels, allow_originals=allow_originals,
+        cors_origins=tuple(cors_origin or ()), dicom_tags=tuple(keep_dicom_tag or ()),
+    )
+    settings.check_binding()
+    typer.echo(f"cbmir: serving {db} at http://{host}:{port}/ "
+               + ("(token required)" if settings.token else "(no token: this machine only)"))
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
 @db_app.command("stats")
 @reports_errors
 def db_stats(db: DbOption) -> None:

@@ -175,7 +175,7 @@ def matches(code: IrmaCode | str, axis: str, prefix: str) -> bool:
     return as_code(code)[name].startswith(wanted)
 
 
-def _significant(value: str) -> str:
+def significant(value: str) -> str:
     """The part of an axis code that carries information: without trailing ``*`` and trailing zeros.
 
     Trailing zeros mean "no further detail", so ``700`` is just ``7`` (abdomen). An axis that is all zeros
@@ -309,7 +309,7 @@ class CodeTables:
         parsed = as_code(code)
         decoded: dict[str, list[str]] = {}
         for axis in AXES:
-            value = _significant(parsed[axis])
+            value = significant(parsed[axis])
             if not value:
                 decoded[axis] = ["not known"]
                 continue
@@ -332,7 +332,7 @@ class CodeTables:
         parsed = as_code(code)
         problems = []
         for axis in AXES:
-            value, table = _significant(parsed[axis]), self.tables[axis]
+            value, table = significant(parsed[axis]), self.tables[axis]
             for end in range(1, len(value) + 1):
                 if value[:end] not in table.entries:
                     known = sorted(value[: end - 1] + char for char in table.next_chars(value[: end - 1]))

@@ -17,10 +17,10 @@ import hashlib
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -31,10 +31,22 @@ from cbmir.errors import CbmirError
 from cbmir.imaging.io import ImageReadError, read_image
 from cbmir.imaging.preprocess import Preprocessing
 from cbmir.index import Engine, ImageEntry
-from cbmir.labels import decode_predictions, probabilities_from_logits
+from cbmir.labels import Prediction, decode_predictions, probabilities_from_logits
 
 # DICOM tags safe to keep beside an image: technical, never patient-identifying.
 SAFE_DICOM_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation", "Manufacturer")
+
+
+def dicom_tags(header: dict[str, str], keep: Sequence[str] = ()) -> dict[str, str]:
+    """The DICOM tags stored beside an image: `SAFE_DICOM_TAGS`, plus `keep` when configured to."""
+    return {tag: header[tag] for tag in (*SAFE_DICOM_TAGS, *keep) if tag in header}
+
+
+def location(record: Record) -> str:
+    """Where an image is read from, as stored: an absolute path, so that the service finds it from any
+    folder; a MedMNIST image adds #split/index."""
+    path = record.path.absolute().as_posix()
+    return path if record.index is None else f"{path}#{record.split}/{record.index}"
 
 
 @dataclass
@@ -75,7 +87,7 @@ def map_record(record: Record) -> Mapped:
                 return Mapped(record, content_hash, skipped=True, read_seconds=time.perf_counter() - started)
             radiograph = read_image(data, name=str(record.path))
             pixels = radiograph.pixels
-            extra = {tag: radiograph.meta.dicom[tag] for tag in SAFE_DICOM_TAGS if tag in radiograph.meta.dicom}
+            extra = dicom_tags(radiograph.meta.dicom)
         else:
             pixels = load_pixels(record)
             content_hash = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
@@ -138,7 +150,7 @@ def index_records(records: Sequence[Record], engine: Engine, embedder: Embedder,
 
 
 def _write_batch(batch: list[Mapped], engine: Engine, embedder: Embedder, dataset: str, summary: Summary) -> None:
-    failures = [(item.record.path.as_posix(), item.failure) for item in batch if item.failure]
+    failures = [(location(item.record), item.failure) for item in batch if item.failure]
     for _, reason in failures:
         summary.failed[failure_kind(reason)] += 1
     fresh = [item for item in batch if not item.failure and not item.skipped]
@@ -151,16 +163,9 @@ def _write_batch(batch: list[Mapped], engine: Engine, embedder: Embedder, datase
             summary.skipped += 1
         else:
             unique[item.content_hash] = item
-    entries: list[ImageEntry] = []
-    if unique:
-        items = list(unique.values())
-        started = time.perf_counter()
-        vectors, logits = run_model(embedder.checkpoint.model, (item.model_input for item in items),
-                                    batch_size=len(items), device=embedder.device)
-        predictions = decode_predictions(embedder.schema, probabilities_from_logits(embedder.schema, logits),
-                                         irma_threshold=embedder.checkpoint.irma_threshold)
-        summary.seconds["model"] += time.perf_counter() - started
-        entries = [_entry(item, vector, prediction, dataset) for item, vector, prediction in zip(items, vectors, predictions)]
+    started = time.perf_counter()
+    entries = [entry for entry, _ in embed_entries(list(unique.values()), embedder, dataset)]
+    summary.seconds["model"] += time.perf_counter() - started
     started = time.perf_counter()
     if entries:
         engine.add(entries)
@@ -170,7 +175,19 @@ def _write_batch(batch: list[Mapped], engine: Engine, embedder: Embedder, datase
     summary.indexed += len(entries)
 
 
-def _entry(item: Mapped, vector: np.ndarray, prediction, dataset: str) -> ImageEntry:
+def embed_entries(items: list[Mapped], embedder: Embedder, dataset: str) -> list[tuple[ImageEntry, Prediction]]:
+    """Run the model over mapped images in one batch: the entry to store and the prediction of each."""
+    if not items:
+        return []
+    vectors, logits = run_model(embedder.checkpoint.model, (item.model_input for item in items),
+                                batch_size=len(items), device=embedder.device)
+    predictions = decode_predictions(embedder.schema, probabilities_from_logits(embedder.schema, logits),
+                                     irma_threshold=embedder.checkpoint.irma_threshold)
+    return [(_entry(item, vector, prediction, dataset), prediction)
+            for item, vector, prediction in zip(items, vectors, predictions)]
+
+
+def _entry(item: Mapped, vector: np.ndarray, prediction: Prediction, dataset: str) -> ImageEntry:
     record = item.record
     labels = tuple(record.labels)
     if prediction.axes:
@@ -178,7 +195,7 @@ def _entry(item: Mapped, vector: np.ndarray, prediction, dataset: str) -> ImageE
     else:
         confidences = {name: probability for head in prediction.top.values() for name, probability in head}
     return ImageEntry(
-        location=record.path.as_posix() if record.index is None else f"{record.path.as_posix()}#{record.split}/{record.index}",
+        location=location(record),
         content_hash=item.content_hash,
         width=item.width,
         height=item.height,
@@ -200,7 +217,7 @@ class IndexingError(CbmirError):
 def read_archive(path: Path, **kwargs) -> tuple[str, list[Record]]:
     """The records of an archive: any layout `cbmir.datasets` reads, or else every image file below a folder
     (unlabelled). Returns the dataset name and the records."""
-    from cbmir.datasets import DatasetError, IMAGE_SUFFIXES, open_dataset
+    from cbmir.datasets import IMAGE_SUFFIXES, DatasetError, open_dataset
 
     path = Path(path)
     try:

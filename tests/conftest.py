@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from cbmir.checkpoint import new_card, save_checkpoint
+from cbmir.imaging.preprocess import preset
+from cbmir.labels import LabelSchema
+from cbmir.models import create_model
+
 SHARED_DATA = Path(
     os.environ.get("CBMIR_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
 )
@@ -17,3 +22,11 @@ def shared_path(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path} is absent (set CBMIR_SHARED_DATA to the shared data folder)")
     return path
+
+
+def small_checkpoint(folder: Path, codes: list[str]) -> Path:
+    """An untrained 64-px chest CNN with IRMA axis heads: a real model, fast enough for tests."""
+    schema = LabelSchema.from_labels("irma-axes", [(code,) for code in codes])
+    model = create_model("chest-cnn-chowdhury", schema.head_sizes).eval()
+    save_checkpoint(folder, model, new_card(model, schema, preset("constant-plain", size=64)))
+    return folder

@@ -275,6 +275,22 @@ class Engine:
             self._filtered.clear()
             self._vectors.remove(np.unique(np.array(wanted, dtype=np.int64)))
 
+    def set_true_code(self, image_id: int, code: str) -> None:
+        """Record an image's true code or label (an accepted or corrected proposal); filters on the true and
+        the best code see it at once."""
+        [image_id] = _ids([image_id])
+        with self._lock:
+            self._store.set_true_code(image_id, code)
+            self._filtered.clear()
+
+    def id_for_hash(self, content_hash: str) -> int | None:
+        """The id of the indexed image with this content hash (sha256 hex), or None."""
+        return self._store.id_for_hash(content_hash)
+
+    def axis_codes(self, axis: str) -> dict[str, int]:
+        """Image counts per code of one IRMA axis (``anatomical``...), on the best code."""
+        return self._store.axis_codes(axis)
+
     def hashes_present(self, hashes: Iterable[str]) -> set[str]:
         """Which of these content hashes are already indexed (lower case)."""
         return self._store.hashes_present(hashes)

@@ -368,6 +368,37 @@ class Store:
                     )
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def set_true_code(self, image_id: int, code: str) -> None:
+        """Record the true code or label of a stored image (an annotator's accepted or corrected proposal);
+        its "best" code becomes this one. An unknown id is a `QueryError`."""
+        true_code, true_axes = _code_axes(code, f"image {image_id}: true code {code!r}")
+        if not true_code:
+            raise QueryError(f"image {image_id}: the true code must be a non-empty text")
+        assignments = ", ".join(f"{column} = ?" for column in _axis_columns("true") + _axis_columns("best"))
+        with self._lock, self._transaction():
+            row = self._db.execute("SELECT true_code, labels FROM images WHERE id = ?", (image_id,)).fetchone()
+            if row is None:
+                raise QueryError(f"no image with id {image_id} in this index")
+            old, extra_labels = row[0], {label.strip() for label in json.loads(row[1])}
+            self._db.execute(f"UPDATE images SET true_code = ?, {assignments} WHERE id = ?",
+                             (true_code, *true_axes, *true_axes, image_id))
+            if old and old not in extra_labels:
+                self._db.execute("DELETE FROM image_labels WHERE label = ? AND image_id = ?", (old, image_id))
+            self._db.execute("INSERT OR IGNORE INTO image_labels (label, image_id) VALUES (?, ?)", (true_code, image_id))
+
+    def id_for_hash(self, content_hash: str) -> int | None:
+        """The id of the image with this content hash, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT id FROM images WHERE content_hash = ?", (content_hash.lower(),)).fetchone()
+        return None if row is None else row[0]
+
+    def axis_codes(self, axis: str) -> dict[str, int]:
+        """How many images have each code on an IRMA axis (of their best code), e.g. {"911": 12, "7**": 3}."""
+        column = f"best_{_AXIS_SUFFIX[axis]}"
+        with self._lock:
+            return dict(self._db.execute(
+                f"SELECT {column}, count(*) FROM images WHERE {column} IS NOT NULL GROUP BY {column}"))
+
     def _present(self, ids: Sequence[int]) -> list[int]:
         found = []
         for chunk in _chunks(ids):
@@ -500,20 +531,20 @@ def _decode(name: str, value: Any) -> Any:
     return value
 
 
-def _code_axes(number: int, entry: ImageEntry, name: str) -> tuple[str | None, list[str | None]]:
-    """The stored text of a true or predicted code and its four axis codes (None unless it is IRMA)."""
-    value = getattr(entry, name)
+def _code_axes(value: Any, where: str) -> tuple[str | None, list[str | None]]:
+    """The stored text of a true or predicted code and its four axis codes (None unless it is IRMA).
+    `where` names the value in error messages."""
     if value is None:
         return None, [None] * len(AXES)
     if not isinstance(value, str):
-        raise EntryError(f"entry {number} ({entry.location!r}): {name} must be text or None, got {value!r}")
+        raise EntryError(f"{where} must be text or None, got {value!r}")
     value = value.strip()
     if not _IRMA_SHAPE.fullmatch(value):
         return value, [None] * len(AXES)
     try:
         code = IrmaCode.parse(value)
     except IrmaCodeError as error:
-        raise EntryError(f"entry {number} ({entry.location!r}): {name}: {error}") from None
+        raise EntryError(f"{where}: {error}") from None
     return str(code), [code[axis] for axis in AXES]
 
 
@@ -555,8 +586,8 @@ def _row(number: int, entry: ImageEntry, vector: np.ndarray, added_at: str) -> d
         isinstance(p, (int, float, np.floating)) and math.isfinite(p) for p in entry.confidences.values()
     ):
         raise fail(f"confidences must map names to finite numbers, got {entry.confidences!r}")
-    true_code, true_axes = _code_axes(number, entry, "true_code")
-    predicted, pred_axes = _code_axes(number, entry, "predicted")
+    true_code, true_axes = _code_axes(entry.true_code, f"entry {number} ({entry.location!r}): true_code")
+    predicted, pred_axes = _code_axes(entry.predicted, f"entry {number} ({entry.location!r}): predicted")
     best_axes = true_axes if true_code is not None else pred_axes
     return {
         "location": entry.location,

@@ -13,27 +13,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cbmir.checkpoint import load_checkpoint, new_card, save_checkpoint
+from cbmir.checkpoint import load_checkpoint
 from cbmir.cli import app
 from cbmir.datasets import open_dataset
 from cbmir.embed import Embedder
-from cbmir.imaging.preprocess import preset
 from cbmir.index import Engine, Filters
-from cbmir.labels import LabelSchema
-from cbmir.models import create_model
 from cbmir.synthetic import write_synthetic_archive
 from indexer.pipeline import index_records, read_archive
-from tests.conftest import shared_path
+from tests.conftest import shared_path, small_checkpoint
 
 CORRUPT = {"truncated": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "text": b"this is not an image\n", "empty": b""}
-
-
-def small_checkpoint(folder: Path, codes: list[str]) -> Path:
-    """An untrained 64-px chest CNN with IRMA axis heads: a real model, fast enough for tests."""
-    schema = LabelSchema.from_labels("irma-axes", [(code,) for code in codes])
-    model = create_model("chest-cnn-chowdhury", schema.head_sizes).eval()
-    save_checkpoint(folder, model, new_card(model, schema, preset("constant-plain", size=64)))
-    return folder
 
 
 def archive_with_corrupt_files(folder: Path, source: Path) -> Path:

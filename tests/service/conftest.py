@@ -1,0 +1,89 @@
+"""A real query service for the API and page tests: a tiny real index (synthetic phantoms with IRMA codes,
+a small untrained CNN, a SQLite store and a FAISS index) served by uvicorn on a free loopback port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from cbmir.checkpoint import load_checkpoint
+from cbmir.embed import Embedder
+from cbmir.index import Engine
+from cbmir.service import ServiceSettings, create_app
+from cbmir.synthetic import write_synthetic_archive
+from indexer.pipeline import index_records, read_archive
+from tests.conftest import SHARED_DATA, small_checkpoint
+
+TOKEN = "test-token-0123456789abcdef"
+TABLES = SHARED_DATA / "irma-code-tables"
+
+
+@dataclass
+class Running:
+    url: str
+    settings: ServiceSettings
+    archive: Path
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+def build_index(base: Path) -> tuple[Path, Path, Path]:
+    """Index 8 phantoms of each kind (chest, hand, skull); returns the archive, model and index folders."""
+    archive = write_synthetic_archive(base / "archive", per_kind=8, longest_side=160)
+    codes = [line.split(";")[1] for line in (archive / "codes.csv").read_text().splitlines()[1:]]
+    model = small_checkpoint(base / "model", codes)
+    embedder = Embedder(load_checkpoint(model))
+    name, records = read_archive(archive)
+    with Engine.open(base / "db", embedder=embedder) as engine:
+        index_records(records, engine, embedder, dataset=name, workers=1, progress=False)
+    return archive, model, base / "db"
+
+
+def start(settings: ServiceSettings, archive: Path):
+    """Serve `settings` from a thread; yields the Running service and stops it afterwards."""
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield Running(f"http://127.0.0.1:{port}", settings, archive)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def index_parts(tmp_path_factory):
+    return build_index(tmp_path_factory.mktemp("service"))
+
+
+@pytest.fixture(scope="module")
+def service(index_parts, tmp_path_factory):
+    """The service over a copy of the shared index (tests add and remove images), with a token and small
+    limits: 4 MiB per request, 8 megapixels per image."""
+    import shutil
+
+    archive, model, db = index_parts
+    copy = tmp_path_factory.mktemp("db") / "db"
+    shutil.copytree(db, copy)
+    settings = ServiceSettings(db=copy, model=model, tables=TABLES if TABLES.exists() else None, token=TOKEN,
+                               max_upload_bytes=4 << 20, max_pixels=8_000_000)
+    yield from start(settings, archive)
