@@ -20,12 +20,18 @@ once, summed by torch on all cores). Recall@10 is against the exact answer.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
+import httpx
 import numpy as np
 import torch
 from sklearn.neighbors import NearestNeighbors
@@ -33,7 +39,7 @@ from sklearn.neighbors import NearestNeighbors
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, publish
 
-from cbmir.checkpoint import Checkpoint, load_checkpoint, new_card
+from cbmir.checkpoint import Checkpoint, load_checkpoint, new_card, save_checkpoint
 from cbmir.datasets import load_pixels
 from cbmir.embed import Embedder, run_model
 from cbmir.imaging.preprocess import preset
@@ -60,11 +66,17 @@ def default_checkpoint(records) -> Checkpoint:
     return Checkpoint(model, new_card(model, schema, preset(config.preset, size=model.input_size)))
 
 
-def indexing(archive: Path, model: Path | None, workers: int) -> dict:
+def indexing(archive: Path, model: Path | None, workers: int, work: Path) -> dict:
+    """Index the archive into work/index (kept for the HTTP section, with the checkpoint in work/model)."""
     name, records = read_archive(archive)
-    checkpoint = load_checkpoint(model) if model else default_checkpoint(records)
+    if model is None:
+        checkpoint = default_checkpoint(records)
+        model = save_checkpoint(work / "model", checkpoint.model, checkpoint.card)
+        described = f"untrained {TrainConfig().model} (CPU default)"
+    else:
+        checkpoint, described = load_checkpoint(model), str(model)
     embedder = Embedder(checkpoint)
-    with tempfile.TemporaryDirectory() as folder, Engine.open(folder, embedder=embedder) as engine:
+    with Engine.open(work / "index", embedder=embedder) as engine:
         summary = index_records(records, engine, embedder, dataset=name, workers=workers, batch_size=BATCH)
     print(summary.text())
     images = [embedder.pipeline(load_pixels(record)) for record in records]
@@ -75,7 +87,7 @@ def indexing(archive: Path, model: Path | None, workers: int) -> dict:
     sizes = [max(image.shape[:2]) for image in images]
     result = {
         "archive": name, "images": len(records), "indexed": summary.indexed, "failed": sum(summary.failed.values()),
-        "model": str(model) if model else f"untrained {TrainConfig().model} (CPU default)",
+        "model": described, "model_path": str(model),
         "input_size": int(sizes[0]), "workers": workers, "batch_size": BATCH,
         "wall_seconds": summary.wall_seconds, "images_per_second": summary.indexed / summary.wall_seconds,
         "stage_seconds": summary.seconds, "model_only_seconds": model_seconds,
@@ -229,6 +241,68 @@ def bare_search(index: faiss.Index, within: np.ndarray | None, policy: IndexPoli
     return search
 
 
+# -- HTTP ------------------------------------------------------------------------------------------------------
+
+def http_load(work: Path, model: str, archive: Path, clients: list[int], seconds: float) -> list[dict]:
+    """Serve work/index with `cbmir serve` (its own process, as in use) and search it by uploading the
+    archive's radiographs from `clients` concurrent clients, each sending its next request when the
+    previous one is answered, for `seconds` per setting."""
+    token = "speed-benchmark-" + os.urandom(8).hex()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "cbmir", "serve", "--db", str(work / "index"), "--model", model,
+                               "--port", str(port)], env={**os.environ, "CBMIR_TOKEN": token})
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    _, records = read_archive(archive)
+    uploads = [(record.path.name, record.path.read_bytes()) for record in records if record.index is None][:200]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the service did not start")
+            time.sleep(0.5)
+        results = [load(url, headers, uploads, count, seconds) for count in clients]
+        return results
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def load(url: str, headers: dict, uploads: list[tuple[str, bytes]], clients: int, seconds: float) -> dict:
+    """`clients` concurrent clients searching for `seconds`: latency percentiles, throughput, errors."""
+    latencies, failures = [], Counter()
+    stop = time.monotonic() + seconds
+
+    def client(number: int) -> None:
+        with httpx.Client(base_url=url, headers=headers, timeout=120) as session:
+            turn = number
+            while time.monotonic() < stop:
+                name, data = uploads[turn % len(uploads)]
+                started = time.perf_counter()
+                response = session.post("/v1/search", files={"file": (name, data)}, data={"k": "10"})
+                latencies.append(time.perf_counter() - started)
+                if response.status_code != 200:
+                    failures[response.status_code] += 1
+                turn += clients
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    elapsed = time.monotonic() - started
+    result = {"clients": clients, "requests": len(latencies), "errors": dict(failures), "seconds": elapsed,
+              "requests_per_second": len(latencies) / elapsed, "p50_ms": float(np.median(latencies) * 1e3),
+              "p99_ms": float(np.quantile(latencies, 0.99) * 1e3)}
+    print(f"HTTP, {clients} clients: {result['requests_per_second']:.1f} searches/s, p50 {result['p50_ms']:.0f} ms, "
+          f"p99 {result['p99_ms']:.0f} ms, errors {dict(failures)}")
+    return result
+
+
 # -- report ----------------------------------------------------------------------------------------------------
 
 def plot(sizes: list[dict], path: Path) -> None:
@@ -255,7 +329,7 @@ def plot(sizes: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def markdown(index_result: dict | None, sizes: list[dict], plot_name: str) -> str:
+def markdown(index_result: dict | None, http: list[dict], sizes: list[dict], plot_name: str) -> str:
     lines = []
     if index_result:
         r = index_result
@@ -272,6 +346,19 @@ def markdown(index_result: dict | None, sizes: list[dict], plot_name: str) -> st
             f"| model-only rate (same images preprocessed in memory) | {r['model_only_images_per_second']:.1f} images/s |",
             f"| indexing / model-only | **{r['fraction_of_model_only']:.0%}** (goal ≥ 70%) |",
             f"| seconds per stage (read and preprocess summed over workers) | {stages} |",
+            "",
+        ]
+    if http:
+        lines += [
+            "### End-to-end HTTP search",
+            "",
+            ("`cbmir serve` over that index, in its own process; each client uploads a radiograph of the archive "
+             "to `POST /v1/search` (k=10) and sends the next when answered. Latency includes the upload, reading, "
+             "preprocessing, the model, the search and the JSON answer."),
+            "",
+            "| clients | requests | errors | searches/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|",
+            *(f"| {r['clients']} | {r['requests']} | {sum(r['errors'].values())} | {r['requests_per_second']:.1f} | "
+              f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |" for r in http),
             "",
         ]
     lines += [
@@ -311,20 +398,26 @@ def markdown(index_result: dict | None, sizes: list[dict], plot_name: str) -> st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--archive", type=Path, help="radiographs to index (any supported layout)")
+    parser.add_argument("--archive", type=Path, help="radiographs to index and to search with over HTTP")
     parser.add_argument("--model", type=Path, help="checkpoint folder (default: an untrained CPU-default model)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 20], help="concurrent HTTP clients")
+    parser.add_argument("--http-seconds", type=float, default=60, help="duration of each HTTP load")
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=100, help="timed queries per configuration")
-    parser.add_argument("--work", type=Path, help="folder for the generated indexes (default: a temporary one)")
     args = parser.parse_args()
-    index_result = indexing(args.archive, args.model, args.workers) if args.archive else None
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
-        sizes = [search_size(count, args.queries, Path(work)) for count in args.sizes]
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        index_result, http = None, []
+        if args.archive:
+            index_result = indexing(args.archive, args.model, args.workers, work)
+            http = http_load(work, index_result["model_path"], args.archive, args.clients, args.http_seconds)
+        sizes = [search_size(count, args.queries, work) for count in args.sizes]
     RESULTS.mkdir(exist_ok=True)
-    plot(sizes, RESULTS / "speed-latency.png")
-    publish("speed", {"indexing": index_result, "search": sizes},
-            markdown(index_result, sizes, "benchmarks/results/speed-latency.png"))
+    if sizes:
+        plot(sizes, RESULTS / "speed-latency.png")
+    publish("speed", {"indexing": index_result, "http": http, "search": sizes},
+            markdown(index_result, http, sizes, "benchmarks/results/speed-latency.png"))
 
 
 if __name__ == "__main__":

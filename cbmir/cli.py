@@ -127,6 +127,13 @@ def _tables(folder: Optional[Path]):
         return None
 
 
+def _tables_folder(folder: Optional[Path]) -> Optional[Path]:
+    """The code tables folder given, else $CBMIR_IRMA_TABLES, else None."""
+    from cbmir.irma import TABLES_ENV
+
+    return folder or (Path(os.environ[TABLES_ENV]) if os.environ.get(TABLES_ENV) else None)
+
+
 TablesOption = Annotated[
     Optional[Path], typer.Option(help="Folder with the IRMA code tables A.csv..D.csv (default: $CBMIR_IRMA_TABLES).")
 ]
@@ -286,6 +293,25 @@ def search(
 
 @app.command()
 @reports_errors
+def quickstart(
+    data: Annotated[Optional[Path], typer.Option(help="Archive in any supported layout (default: a small synthetic set).")] = None,
+    work: Annotated[Path, typer.Option(help="Working folder: model, index, token. A second run reuses it.")] = Path("cbmir-work"),
+    tables: TablesOption = None,
+    mode: Annotated[str, typer.Option(help="Training mode: heads (minutes) or finetune (longer, a little better).")] = "heads",
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    serve: Annotated[bool, typer.Option(help="Start the service at the end.")] = True,
+) -> None:
+    """From an archive to a running engine: split, train the default CPU model, evaluate, index, serve."""
+    from cbmir.quickstart import prepare
+
+    settings = prepare(work, data, _tables_folder(tables), say=typer.echo, mode=mode, host=host, port=port)
+    if serve:
+        _run_service(settings)
+
+
+@app.command()
+@reports_errors
 def serve(
     db: DbOption,
     model: Annotated[Path, typer.Option(help="Checkpoint folder the index was built with.")],
@@ -300,21 +326,26 @@ def serve(
     keep_dicom_tag: Annotated[Optional[list[str]], typer.Option(help="A DICOM tag to store with uploads besides the technical ones (repeatable).")] = None,
 ) -> None:
     """Start the query service: the HTTP API (/v1, docs at /docs) and the web page (/)."""
-    import uvicorn
+    from cbmir.service import ServiceSettings, read_token
 
-    from cbmir.irma import TABLES_ENV
-    from cbmir.service import ServiceSettings, create_app, read_token
-
-    tables = tables or (Path(os.environ[TABLES_ENV]) if os.environ.get(TABLES_ENV) else None)
     settings = ServiceSettings(
-        db=_existing_index(db), model=model, tables=tables, token=read_token(token_file), host=host, port=port,
+        db=_existing_index(db), model=model, tables=_tables_folder(tables), token=read_token(token_file), host=host, port=port,
         max_upload_bytes=int(max_upload_mb * (1 << 20)), max_pixels=max_pixels, allow_originals=allow_originals,
         cors_origins=tuple(cors_origin or ()), dicom_tags=tuple(keep_dicom_tag or ()),
     )
+    _run_service(settings)
+
+
+def _run_service(settings) -> None:
+    import uvicorn
+
+    from cbmir.service import create_app
+
     settings.check_binding()
-    typer.echo(f"cbmir: serving {db} at http://{host}:{port}/ "
-               + ("(token required)" if settings.token else "(no token: this machine only)"))
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    app_instance = create_app(settings)
+    typer.echo(f"cbmir: serving {settings.db} at http://{settings.host}:{settings.port}/ (API docs at /docs)")
+    typer.echo(f"token: {settings.token}" if settings.token else "no token: reachable from this machine only")
+    uvicorn.run(app_instance, host=settings.host, port=settings.port, log_level="warning")
 
 
 @db_app.command("stats")

@@ -360,15 +360,14 @@ class Vectors:
         found = ids[0] >= 0  # FAISS pads with -1 when fewer than k vectors qualify
         return ids[0][found], scores[0][found]
 
-    def _flat_view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """The Flat index's vectors as a numpy matrix (no copy), their store ids, and the order that sorts
-        the ids (None when already sorted, as they are when added in id order). Remade after every change,
-        since FAISS may move the vectors."""
+    def _flat_view(self) -> tuple[np.ndarray, np.ndarray]:
+        """The Flat index's vectors as a numpy matrix (no copy) and their store ids, ascending: vectors are
+        only ever added in id order (new images, catch-up, rebuild) and removal keeps the order. Remade after
+        every change, since FAISS may move the vectors."""
         if self._flat is None:
             flat = faiss.downcast_index(self.index.index)
             matrix = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
-            ids = faiss.vector_to_array(self.index.id_map)
-            self._flat = matrix, ids, None if np.all(ids[1:] > ids[:-1]) else np.argsort(ids)
+            self._flat = matrix, faiss.vector_to_array(self.index.id_map)
         return self._flat
 
     def _flat_search(self, query: np.ndarray, k: int, within: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -376,12 +375,10 @@ class Vectors:
         matrix-vector product (FAISS searches a single query on one thread, BLAS on every core: half the time
         on two), then the best of the passing rows. When at most half pass: FAISS's scan with a bitmap of the
         passing rows, which computes only their scores."""
-        matrix, ids, order = self._flat_view()
+        matrix, ids = self._flat_view()
         if within is not None:
-            ascending = ids if order is None else ids[order]
-            positions = np.searchsorted(ascending, within)
-            positions = positions[(positions < len(ids)) & (ascending[np.minimum(positions, len(ids) - 1)] == within)]
-            positions = positions if order is None else order[positions]
+            positions = np.searchsorted(ids, within)
+            positions = positions[(positions < len(ids)) & (ids[np.minimum(positions, len(ids) - 1)] == within)]
             if len(positions) * 2 <= len(ids):
                 passing = np.zeros(len(ids), dtype=bool)
                 passing[positions] = True

@@ -1,0 +1,35 @@
+"""`cbmir quickstart` end to end on a tiny synthetic archive: the real default model trained, an index built,
+the service answering with the printed token; a second run reuses everything; another archive is refused."""
+
+import os
+import stat
+
+from typer.testing import CliRunner
+
+from cbmir.cli import app
+from cbmir.quickstart import prepare
+from cbmir.synthetic import write_synthetic_archive
+from tests.service.conftest import start
+
+
+def test_quickstart_trains_indexes_serves_and_reuses(tmp_path):
+    archive = write_synthetic_archive(tmp_path / "archive", per_kind=5, longest_side=96)
+    work = tmp_path / "work"
+    messages = []
+    settings = prepare(work, archive, None, say=messages.append)
+    assert any(message.startswith("training the default CPU model") for message in messages)
+    assert stat.S_IMODE(os.stat(work / "token").st_mode) == 0o600
+    for running in start(settings, archive):
+        with running.client(settings.token) as client:
+            stats = client.get("/v1/stats").json()
+            assert stats["images"] == 15 and stats["task"] == "irma-axes"
+            assert client.get("/v1/stats", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+
+    again = []
+    assert prepare(work, archive, None, say=again.append).token == settings.token
+    assert f"reusing the trained model in {work / 'model'}" in again
+    assert any(message.startswith("indexed 0, skipped 15") for message in again)
+
+    other = write_synthetic_archive(tmp_path / "other", per_kind=2)
+    result = CliRunner().invoke(app, ["quickstart", "--data", str(other), "--work", str(work), "--no-serve"])
+    assert result.exit_code == 2 and "was made for the archive" in result.output
