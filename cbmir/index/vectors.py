@@ -40,6 +40,7 @@ MANIFEST_FORMAT = 1
 TRAIN_PER_CENTROID = 39  # FAISS k-means warns below 39 training vectors per centroid
 SAMPLE_PER_CENTROID = 64
 GPU_MAX_K = 2048  # the largest k FAISS GPU indexes search
+MAX_WIDEN = 256  # how far a filtered HNSW search widens ef_search before it settles for fewer hits
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,16 @@ class IndexPolicy:
     """When to use which index type, and how hard approximate indexes search.
 
     Automatic types by vector count: exact ``Flat`` below `hnsw_from` (one 512-d query over 100k vectors
-    takes about 35 ms on 2 CPU cores, over 1M about 210 ms); ``HNSW32`` below `ivf_from` (builds at about
-    2,400 vectors/s on 2 cores, and cannot remove, so a removal rebuilds it); ``IVF{n},Flat`` from
-    `ivf_from`, n = 4·sqrt(count) rounded down to a power of two and at most count / 39, trained on a
-    sample of 64 vectors per list. An IVF type named by the user is used once the store holds 39 vectors
-    per list; ``Flat`` until then.
+    takes about 5 ms on 2 CPU cores, over 1M about 65 ms: see benchmarks/speed.py); ``HNSW32`` below
+    `ivf_from` (builds at about 2,400 vectors/s on 2 cores, and cannot remove, so a removal rebuilds it);
+    ``IVF{n},Flat`` from `ivf_from`, n = 4·sqrt(count) rounded down to a power of two and at most count / 39,
+    trained on a sample of 64 vectors per list. An IVF type named by the user is used once the store holds 39
+    vectors per list; ``Flat`` until then.
 
     Filtered searches are exact on ``Flat``. On approximate types they are exact too while at most
-    `exact_filter_limit` images match (only the matching vectors are scanned: the flat storage under the
-    HNSW graph, every IVF list); beyond that FAISS searches with an id selector and with `ef_search` /
-    `nprobe` widened by the ratio of all vectors to matching ones.
+    `exact_filter_limit` images match (only the matching vectors are scored: the flat storage under the
+    HNSW graph, every IVF list); beyond that FAISS searches with a selector of the matching ids, as hard as
+    an unfiltered search (`ef_search`, `nprobe`), widened only while it finds fewer than k of them.
     """
 
     hnsw_from: int = 200_000
@@ -97,6 +98,14 @@ def _empty_index(dimension: int, index_type: str) -> faiss.Index:
     if not isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)):
         raise IndexConfigError(f"index type {index_type!r} compresses or transforms the vectors; {hint}")
     return index if isinstance(index, faiss.IndexIVF) else faiss.IndexIDMap2(index)
+
+
+def _bitmap(members: np.ndarray) -> faiss.IDSelector:
+    """A FAISS selector of these ids (or positions) as a bitmap: one bit test per candidate vector, cheaper
+    than the hash lookup of IDSelectorBatch."""
+    passing = np.zeros(int(members.max()) + 1 if len(members) else 1, dtype=bool)
+    passing[members] = True
+    return faiss.IDSelectorBitmap(np.packbits(passing, bitorder="little"))
 
 
 def _training_minimum(index: faiss.Index) -> int:
@@ -350,13 +359,10 @@ class Vectors:
             return self._flat_search(query[0], k, within)
         elif within is None:
             scores, ids = self.index.search(query, k, params=self._parameters(k, None, 1))
+        elif len(within) <= self.policy.exact_filter_limit:
+            scores, ids = self._exact(query, k, _bitmap(within))
         else:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(within, dtype=np.int64))
-            if len(within) <= self.policy.exact_filter_limit:
-                scores, ids = self._exact(query, k, selector)
-            else:
-                widen = math.ceil(self.index.ntotal / len(within))
-                scores, ids = self.index.search(query, k, params=self._parameters(k, selector, widen))
+            scores, ids = self._filtered_approximate(query, k, _bitmap(within), len(within))
         found = ids[0] >= 0  # FAISS pads with -1 when fewer than k vectors qualify
         return ids[0][found], scores[0][found]
 
@@ -380,10 +386,8 @@ class Vectors:
             positions = np.searchsorted(ids, within)
             positions = positions[(positions < len(ids)) & (ids[np.minimum(positions, len(ids) - 1)] == within)]
             if len(positions) * 2 <= len(ids):
-                passing = np.zeros(len(ids), dtype=bool)
-                passing[positions] = True
-                bitmap = faiss.IDSelectorBitmap(np.packbits(passing, bitorder="little"))
-                scores, found = self.index.index.search(query[None], k, params=faiss.SearchParameters(sel=bitmap))
+                params = faiss.SearchParameters(sel=_bitmap(positions))
+                scores, found = self.index.index.search(query[None], k, params=params)
                 keep = found[0] >= 0
                 return ids[found[0][keep]], scores[0][keep]
         scores = matrix @ query
@@ -403,6 +407,19 @@ class Vectors:
         scores, positions = inner.storage.search(query, k, params=faiss.SearchParameters(sel=translated))
         ids = np.array([[self.index.id_map.at(int(p)) if p >= 0 else -1 for p in positions[0]]], np.int64)
         return scores, ids
+
+    def _filtered_approximate(self, query: np.ndarray, k: int, selector: faiss.IDSelector,
+                              matching: int) -> tuple[np.ndarray, np.ndarray]:
+        """A filtered search of HNSW or IVF as hard as an unfiltered one (the same ef_search / nprobe, so
+        about the same recall and time), widened fourfold at a time only while it finds fewer than k of the
+        matching images."""
+        widen, wanted = 1, min(k, matching)
+        while True:
+            scores, ids = self.index.search(query, k, params=self._parameters(k, selector, widen))
+            exhausted = isinstance(self.index, faiss.IndexIVF) and self.policy.nprobe * widen >= self.index.nlist
+            if (ids[0] >= 0).sum() >= wanted or exhausted or widen >= MAX_WIDEN:
+                return scores, ids
+            widen *= 4
 
     def _parameters(self, k: int, selector: faiss.IDSelector | None, widen: int) -> faiss.SearchParameters:
         if isinstance(self.index, faiss.IndexIVF):
