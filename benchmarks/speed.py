@@ -371,7 +371,8 @@ def markdown(index_result: dict | None, http: list[dict], sizes: list[dict], plo
     lines += [
         "### Search latency",
         "",
-        ("Single queries, k=10, over generated 512-d unit vectors with generated IRMA codes; "
+        (f"Single queries, k=10, over generated 512-d unit vectors around {CLUSTERS} centres (as embeddings "
+         "gather around their classes), with generated IRMA codes; "
          "filters match about 50% (biology=7), 11% (anatomy=5) and 0.5% (anatomy=52, biology=7) of the archive. "
          "Ratios: to bare FAISS on the same index type and filter, to the same method unfiltered, and to the "
          "memory-streaming bound."),
