@@ -22,7 +22,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -74,7 +73,6 @@ def _init_worker(present: frozenset[str], pipeline: Preprocessing) -> None:
     global _present, _pipeline
     _present, _pipeline = present, pipeline
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV threads on top only contend with the model
 
 
 def map_record(record: Record) -> Mapped:
