@@ -18,32 +18,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import publish  # noqa: E402
+from common import frozen_features, publish  # noqa: E402
 
 from cbmir.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from cbmir.datasets import open_dataset  # noqa: E402
-from cbmir.embed import images_to_tensor, run_model  # noqa: E402
+from cbmir.embed import run_model  # noqa: E402
 from cbmir.irma import AXES, CodeTables, IrmaCode, run_error_score  # noqa: E402
-from cbmir.models import create_model  # noqa: E402
 from cbmir.prepared import prepare_images  # noqa: E402
 from cbmir.train import make_config, train  # noqa: E402
 
 SPLIT = (0.7, 0.1, 0.2)
-
-
-@torch.inference_mode()
-def frozen_features(images: np.ndarray) -> np.ndarray:
-    model = create_model("efficientnet-lite0", {"label": 2}, pretrained=True, input_size=images.shape[1]).eval()
-    model.to(memory_format=torch.channels_last)
-    batches = [model.trunk_features(images_to_tensor(images[i : i + 32], torch.device("cpu"))).numpy()
-               for i in range(0, len(images), 32)]
-    return np.concatenate(batches)
 
 
 def scores(truth: list[str], predicted: list[str], tables: CodeTables) -> dict[str, float]:

@@ -11,7 +11,11 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from cbmir.embed import images_to_tensor
+from cbmir.models import create_model
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -52,3 +56,12 @@ def publish(name: str, results: dict, markdown: str) -> None:
     else:
         page = page.rstrip() + f"\n\n## {name}\n\n{section}\n"
     PAGE.write_text(page)
+
+
+@torch.inference_mode()
+def frozen_features(images: np.ndarray) -> np.ndarray:
+    model = create_model("efficientnet-lite0", {"label": 2}, pretrained=True, input_size=images.shape[1]).eval()
+    model.to(memory_format=torch.channels_last)
+    batches = [model.trunk_features(images_to_tensor(images[i : i + 32], torch.device("cpu"))).numpy()
+               for i in range(0, len(images), 32)]
+    return np.concatenate(batches)
