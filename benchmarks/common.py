@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,3 +66,20 @@ def frozen_features(images: np.ndarray) -> np.ndarray:
     batches = [model.trunk_features(images_to_tensor(images[i : i + 32], torch.device("cpu"))).numpy()
                for i in range(0, len(images), 32)]
     return np.concatenate(batches)
+
+
+@contextmanager
+def saved_figure(path: Path, **subplots):
+    """A matplotlib figure and its axes (plt.subplots(**subplots)), written to `path` at the end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(**subplots)
+    try:
+        yield figure, axes
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+    finally:
+        plt.close(figure)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, publish
+from common import RESULTS, publish, saved_figure
 
 from cbmir.datasets import open_dataset
 from cbmir.errors import CbmirError
@@ -77,19 +77,11 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(summary["cells"])
-    figure, axis = plt.subplots(figsize=(7, 3.5))
-    axis.bar(names, [summary["cells"][name]["accuracy"] for name in names], color="#5a8fc4")
-    axis.set(ylabel="full-code accuracy", ylim=(0, 1), title="Preprocessing (Table I presets), default CPU model")
-    axis.tick_params(axis="x", rotation=20)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with saved_figure(path, figsize=(7, 3.5)) as (_, axis):
+        axis.bar(names, [summary["cells"][name]["accuracy"] for name in names], color="#5a8fc4")
+        axis.set(ylabel="full-code accuracy", ylim=(0, 1), title="Preprocessing (Table I presets), default CPU model")
+        axis.tick_params(axis="x", rotation=20)
 
 
 def main() -> None:

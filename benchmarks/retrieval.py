@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, frozen_features, publish
+from common import RESULTS, frozen_features, publish, saved_figure
 
 from cbmir.datasets import load_pixels, open_dataset
 from cbmir.embed import Embedder
@@ -175,22 +175,14 @@ def markdown(summary: dict, views: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = [view for view in ("full code", "anatomical", "class") if view in summary["results"]["cbmir engine"]]
-    figure, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4), squeeze=False)
-    for axis, view in zip(axes[0], shown):
-        for method, per_view in summary["results"].items():
-            axis.plot(range(1, 11), per_view[view]["curve"], marker="o", label=method)
-        axis.set(title=f"precision@k, {view}", xlabel="k", ylabel="precision", ylim=(0, 1))
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with saved_figure(path, ncols=len(shown), figsize=(6 * len(shown), 4), squeeze=False) as (_, axes):
+        for axis, view in zip(axes[0], shown):
+            for method, per_view in summary["results"].items():
+                axis.plot(range(1, 11), per_view[view]["curve"], marker="o", label=method)
+            axis.set(title=f"precision@k, {view}", xlabel="k", ylabel="precision", ylim=(0, 1))
+            axis.grid(alpha=0.3)
+            axis.legend()
 
 
 def main() -> None:

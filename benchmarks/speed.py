@@ -37,7 +37,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, publish
+from common import RESULTS, publish, saved_figure
 
 from cbmir.checkpoint import Checkpoint, load_checkpoint, new_card, save_checkpoint
 from cbmir.datasets import load_pixels
@@ -311,27 +311,19 @@ def load(url: str, headers: dict, uploads: list[tuple[str, bytes]], clients: int
 # -- report ----------------------------------------------------------------------------------------------------
 
 def plot(sizes: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = [size["count"] for size in sizes]
-    figure, axis = plt.subplots(figsize=(7, 4.5))
     lines = [("cbmir engine", "Flat", "none"), ("cbmir engine", "Flat", "anatomy=5"), ("bare FAISS", "Flat", "none"),
              ("bare FAISS", "Flat", "anatomy=5"), ("scikit-learn NearestNeighbors", "brute force", "none")]
-    for method, index_type, name in lines:
-        values = [next(r["p50_ms"] for r in size["rows"] if (r["method"], r["index_type"], r["filter"]) ==
-                       (method, index_type, name)) for size in sizes]
-        axis.plot(counts, values, marker="o", label=f"{method}, {index_type}, filter {name}")
-    axis.plot(counts, [size["stream_bound_ms"] for size in sizes], "k--", label="memory-streaming bound")
-    axis.set(xscale="log", yscale="log", xlabel="archive size (vectors, 512-d)", ylabel="p50 latency per query (ms)",
-             title="Single-query search latency, k=10, 2 CPU cores")
-    axis.legend(fontsize=8)
-    axis.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    with saved_figure(path, figsize=(7, 4.5)) as (_, axis):
+        for method, index_type, name in lines:
+            values = [next(r["p50_ms"] for r in size["rows"] if (r["method"], r["index_type"], r["filter"]) ==
+                           (method, index_type, name)) for size in sizes]
+            axis.plot(counts, values, marker="o", label=f"{method}, {index_type}, filter {name}")
+        axis.plot(counts, [size["stream_bound_ms"] for size in sizes], "k--", label="memory-streaming bound")
+        axis.set(xscale="log", yscale="log", xlabel="archive size (vectors, 512-d)",
+                 ylabel="p50 latency per query (ms)", title="Single-query search latency, k=10, 2 CPU cores")
+        axis.legend(fontsize=8)
+        axis.grid(True, which="both", alpha=0.3)
 
 
 def markdown(index_result: dict | None, http: list[dict], sizes: list[dict], plot_name: str) -> str:
