@@ -29,9 +29,11 @@ from typing import Annotated, Any
 
 import cv2
 import numpy as np
+import swagger_ui_bundle
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -399,7 +401,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         finally:
             shared.close()
 
-    app = FastAPI(title="cbmir", version="1", lifespan=lifespan,
+    app = FastAPI(title="cbmir", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Content-based retrieval of radiographs: search similar prior cases, predict IRMA "
                               "codes, pre-label images. Every /v1 endpoint needs `Authorization: Bearer <token>`.")
     app.state.service = shared
@@ -417,7 +419,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 return error_response(413, f"the request body ({length} bytes) is above the limit of "
                                            f"{settings.max_upload_bytes:,} bytes")
         response = await call_next(request)
-        response.headers.update(SECURITY_HEADERS)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
         return response
 
     @app.exception_handler(HTTPException)
@@ -607,6 +610,19 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        """Swagger UI from the swagger-ui-bundle-v2 package, not a CDN (nothing is fetched from the internet)."""
+        page = get_swagger_ui_html(openapi_url="/openapi.json", title="cbmir API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+        # Swagger UI starts itself with an inline script; this page shows no images, only the API's shape.
+        page.headers["Content-Security-Policy"] = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                                                   "style-src 'self' 'unsafe-inline'; img-src 'self' data:")
+        return page
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 

@@ -134,3 +134,8 @@ def test_annotate_a_batch_correct_one_and_export_csv(page, service, tmp_path):
     exported = list(csv.DictReader(io.StringIO(download.value.path().read_text())))
     assert list(exported[0]) == ["id", "name", "proposed", "confidence", "true_code", "status", "words"]
     assert exported[0]["true_code"] == correction and exported[0]["status"] == "corrected"
+
+
+def test_the_api_docs_render_without_the_internet(page, service):
+    page.goto(f"{service.url}/docs")
+    page.locator(".swagger-ui .opblock-summary-path", has_text="/v1/search").first.wait_for()
