@@ -51,7 +51,7 @@ def run(args) -> dict:
 
 def markdown(summary: dict) -> str:
     cells = summary["cells"]
-    best = max(cells, key=lambda name: cells[name]["accuracy"])
+    best = max(cell["accuracy"] for cell in cells.values())
     lines = [
         (f"Dataset `{summary['dataset']}` ({summary['images']} images), split 70/10/20 with seed {summary['seed']}; "
          f"every cell: the default CPU model (ImageNet EfficientNet-Lite0 with IRMA axis heads, {summary['mode']} "
@@ -66,7 +66,7 @@ def markdown(summary: dict) -> str:
     ]
     for name, cell in cells.items():
         padding, variant = name.split("-")
-        accuracy = f"**{cell['accuracy']:.3f}**" if name == best else f"{cell['accuracy']:.3f}"
+        accuracy = f"**{cell['accuracy']:.3f}**" if cell["accuracy"] == best else f"{cell['accuracy']:.3f}"
         error = "n/a" if cell["mean_error_score"] is None else f"{cell['mean_error_score']:.3f}"
         lines.append(f"| {padding} | {variant} | {accuracy} | {cell['loss']:.3f} | "
                      + " | ".join(f"{cell['axis_accuracy'][axis]:.3f}" for axis in AXES)

@@ -485,3 +485,22 @@ def test_search_by_image_embeds_with_the_model_of_the_index(tmp_path):
     with Engine.open(tmp_path) as engine:
         with pytest.raises(QueryError, match="searching by image needs a model: open the index with embedder="):
             engine.search_image(images[0], 3)
+
+
+def test_filtered_searches_see_added_removed_and_recoded_images_at_once(tmp_path):
+    """The ids passing a filter are cached between searches; every change must show in the next search."""
+    engine, entries = fresh(tmp_path, count=200)
+    with engine:
+        leg = Filters(anatomy="9", on="true")
+        query = queries(1, seed=5)[0]
+        assert_exact(engine.search(query, 10, leg), query, candidates(entries, vectors_of(entries), leg), 10)
+        [new] = make_entries(query[None], seed=99, prefix="new")
+        new = dataclasses.replace(new, true_code="1121-120-913-700", labels=())
+        [new_id] = engine.add([new]).tolist()
+        assert engine.search(query, 1, leg)[0].id == new_id
+        engine.set_true_code(new_id, "1121-120-500-700")
+        assert new_id not in [hit.id for hit in engine.search(query, 10, leg)]
+        engine.set_true_code(new_id, "1121-120-911-700")
+        assert engine.search(query, 1, leg)[0].id == new_id
+        engine.remove([new_id])
+        assert new_id not in [hit.id for hit in engine.search(query, 10, leg)]
