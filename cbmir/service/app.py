@@ -70,6 +70,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 UPLOADS, THUMBNAILS = "uploads", "thumbnails"
 THUMBNAIL_SIDE = 320
 MAX_EXPORT_IDS = 10_000
+IMAGE_FIELDS = ("id", "location", "dataset", "width", "height", "true_code", "predicted", "confidence", "labels")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -242,16 +243,14 @@ class Service:
         }
 
     def row(self, image_id: int, fields: tuple[str, ...] = ()) -> dict[str, Any]:
-        base = ("id", "location", "dataset", "width", "height", "true_code", "predicted", "confidence", "labels")
         try:
-            [row] = self.engine.get([image_id], (*base, *fields))
+            [row] = self.engine.get([image_id], (*IMAGE_FIELDS, *fields))
         except QueryError:
             raise ApiError(404, f"no image with id {image_id} in this index") from None
         return row
 
     def neighbours(self, hits: list[Hit]) -> list[NeighbourOut]:
-        rows = {row["id"]: row for row in self.engine.get([hit.id for hit in hits], (
-            "id", "location", "dataset", "width", "height", "true_code", "predicted", "confidence", "labels"))}
+        rows = {row["id"]: row for row in self.engine.get([hit.id for hit in hits], IMAGE_FIELDS)}
         return [NeighbourOut(score=hit.score, **self.image(rows[hit.id])) for hit in hits]
 
     def source_pixels(self, location: str) -> np.ndarray:
@@ -267,9 +266,9 @@ class Service:
 
     def thumbnail(self, image_id: int) -> Path:
         """A PNG of at most THUMBNAIL_SIDE pixels a side, made on first request and kept."""
+        row = self.row(image_id)  # a removed image has no thumbnail, even if its file were left behind
         path = self.engine.folder / THUMBNAILS / f"{image_id}.png"
         if not path.exists():
-            row = self.row(image_id, ("location",))
             pixels = to_uint8(self.source_pixels(row["location"]))
             scale = THUMBNAIL_SIDE / max(pixels.shape)
             if scale < 1:
@@ -313,7 +312,7 @@ class Service:
         return int(image_id), prediction
 
     def remove(self, image_id: int) -> None:
-        row = self.row(image_id, ("location", "content_hash"))
+        row = self.row(image_id)
         self.engine.remove([image_id])
         (self.engine.folder / THUMBNAILS / f"{image_id}.png").unlink(missing_ok=True)
         uploaded = Path(row["location"])
@@ -511,7 +510,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def original(svc: Shared, image_id: int):
         if not svc.settings.allow_originals:
             raise ApiError(403, "this server serves thumbnails only (start it with --allow-originals to serve originals)")
-        location = svc.row(image_id, ("location",))["location"]
+        location = svc.row(image_id)["location"]
         path = Path(location.partition("#")[0])
         if "#" in location or not path.is_file():
             raise ApiError(404, f"the original file of image {image_id} is not available")
