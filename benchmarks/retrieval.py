@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -95,6 +96,7 @@ def run(args) -> tuple[dict, str]:
     tables = CodeTables.load(args.tables) if args.tables else None
     dataset = open_dataset(args.dataset)
     work = Path(args.work)
+    shutil.rmtree(work / "model", ignore_errors=True)  # no feature cache of an earlier run: time it all
     started = time.time()
     checkpoint = train(dataset, make_config(mode=args.mode, split=SPLIT, seed=args.seed), work / "model",
                        tables=tables)
