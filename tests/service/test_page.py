@@ -1,24 +1,34 @@
 """The web page end to end in a real browser: Debian's headless Chromium driven by Playwright, against the
-real service (see conftest.py), as a radiologist and an annotator would use it."""
+real service (see conftest.py), as a radiologist and an annotator would use it.
+
+Set CBMIR_SCREENSHOTS to a folder to keep screenshots of the search and annotation views (1920×1080) there.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import shutil
+from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from cbmir.irma import IrmaCode
+from cbmir.synthetic import phantom
 from tests.service.conftest import TOKEN
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium package is not installed (apt-get install chromium)"
+    CHROMIUM is None, reason="Debian's chromium package is not installed: apt-get install chromium"
 )
 # Without the background-networking flags Chromium keeps calling Google's hosts, which this network refuses.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+SCREENSHOTS = os.environ.get("CBMIR_SCREENSHOTS")
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +43,18 @@ def browser():
 
 @pytest.fixture
 def page(browser, service):
-    """A fresh page (new session storage) on the service, with errors of the page's own script collected."""
+    """A fresh page (new session storage) on the service. Errors of the page's own script and anything the
+    Content-Security-Policy blocked fail the test."""
     context = browser.new_context(viewport={"width": 1920, "height": 1080}, accept_downloads=True)
     page = context.new_page()
-    page.script_errors = []
-    page.on("pageerror", lambda error: page.script_errors.append(str(error)))
+    problems = []
+    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
+    page.on("console", lambda message: problems.append(message.text)
+            if "Content Security Policy" in message.text else None)
     page.goto(service.url)
     yield page
-    assert page.script_errors == []
     context.close()
+    assert problems == []
 
 
 def enter_token(page, token: str = TOKEN) -> None:
@@ -50,44 +63,71 @@ def enter_token(page, token: str = TOKEN) -> None:
     page.click("#token-submit")
 
 
-def neighbour_codes(page) -> list[str]:
-    return page.eval_on_selector_all("#neighbours .neighbour", "cards => cards.map(card => card.dataset.code)")
+def neighbours(page) -> list[dict[str, str]]:
+    return page.eval_on_selector_all(
+        "#neighbours .neighbour", "cards => cards.map(card => ({id: card.dataset.id, code: card.dataset.code, "
+                                  "name: card.querySelector('.hit-name').textContent}))")
 
 
 def wait_for_grid(page) -> None:
     """Until the search has answered and the grid shows neighbours whose thumbnails really loaded."""
     page.locator("#busy").wait_for(state="hidden")
-    page.locator("#neighbours .neighbour img[src^='blob:']").first.wait_for()
+    page.locator("#neighbours .neighbour").first.wait_for()
     page.wait_for_function("() => [...document.querySelectorAll('#neighbours .neighbour img')]"
                            ".every(img => img.complete && img.naturalWidth > 0)")
 
 
+def assert_no_horizontal_scrolling(page) -> None:
+    width, visible = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert width <= visible
+
+
+def screenshot(page, name: str) -> None:
+    if SCREENSHOTS:
+        page.screenshot(path=str(Path(SCREENSHOTS) / name))
+
+
+def anatomy(code: str) -> str:
+    return IrmaCode.parse(code)["anatomical"]
+
+
 def test_search_by_upload_filter_and_click_through(page, service):
     enter_token(page)
-    query = sorted((service.archive / "images").glob("synthetic-hand-*.png"))[0]
+    query = min((service.archive / "images").glob("synthetic-hand-*.png"))
     page.set_input_files("#file-input", str(query))
     wait_for_grid(page)
-    predicted = page.locator("#prediction .code").inner_text().split()[0]
-    IrmaCode.parse(predicted)
+    assert page.locator("#query-image").evaluate("img => img.naturalWidth") > 0  # the local preview
+    IrmaCode.parse(page.locator("#prediction .code .label").inner_text())
     assert page.locator("#prediction table.axes tr").count() == 4
-    before = neighbour_codes(page)
+    before = neighbours(page)
     assert len(before) == 10
+    assert all(len(score) == 5 for score in page.locator("#neighbours .score").all_inner_texts())  # 0.123
+    screenshot(page, "cbmir-page-search.png")
+    assert_no_horizontal_scrolling(page)
 
-    skull = next(code for code in page.eval_on_selector_all("#anatomy-filter option", "o => o.map(x => x.value)")
-                 if code == "2")
-    page.select_option("#anatomy-filter", skull)
-    page.wait_for_function("() => [...document.querySelectorAll('#neighbours .neighbour')]"
-                           ".every(card => card.dataset.code.split('-')[2].startsWith('2'))")
+    # A top-level region other than the first neighbour's: the grid changes, and keeps to that region.
+    regions = [value for value in page.eval_on_selector_all("#anatomy-filter option", "o => o.map(x => x.value)")
+               if len(value) == 1]
+    region = next(value for value in regions if not anatomy(before[0]["code"]).startswith(value))
+    page.select_option("#anatomy-filter", region)
+    page.wait_for_function("first => document.querySelector('#neighbours .neighbour')?.dataset.id !== first",
+                           arg=before[0]["id"])
     wait_for_grid(page)
-    after = neighbour_codes(page)
+    after = neighbours(page)
     assert after and after != before
-    assert all(IrmaCode.parse(code)["anatomical"].startswith("2") for code in after)
+    assert all(anatomy(hit["code"]).startswith(region) for hit in after)
 
     page.select_option("#anatomy-filter", "")
     wait_for_grid(page)
+    clicked = neighbours(page)[2]
     page.locator("#neighbours .neighbour").nth(2).click()
-    page.locator("#results-title", has_text="Similar to").wait_for()
+    page.locator("#results-title", has_text=f"Similar to {clicked['name']}").wait_for()
     wait_for_grid(page)
+    assert neighbours(page)[0]["id"] == clicked["id"]  # the image itself comes first
+    assert page.locator("#prediction").inner_text() == ""  # nothing is predicted for an indexed image
+
+    page.set_viewport_size({"width": 1280, "height": 800})
+    assert_no_horizontal_scrolling(page)
 
 
 def test_a_wrong_token_is_refused_visibly_and_asked_again(page):
@@ -95,7 +135,8 @@ def test_a_wrong_token_is_refused_visibly_and_asked_again(page):
     page.locator("#token-reason", has_text="not accepted").wait_for()
     assert page.locator("#token-dialog").is_visible()
     enter_token(page)
-    page.locator("#status", has_text="images").wait_for()
+    page.locator("#status", has_text="images").wait_for()  # the refused request went again with the new token
+    assert page.locator("#anatomy-filter option").count() > 1
 
 
 def test_a_file_that_is_not_a_radiograph_shows_the_reason(page, tmp_path):
@@ -104,36 +145,58 @@ def test_a_file_that_is_not_a_radiograph_shows_the_reason(page, tmp_path):
     text.write_text("not an image")
     page.set_input_files("#file-input", str(text))
     page.locator("#message", has_text="cannot read report.png").wait_for()
+    assert page.locator("#neighbours .neighbour").count() == 0
 
 
-def test_annotate_a_batch_correct_one_and_export_csv(page, service, tmp_path):
+def test_annotate_a_batch_correct_one_and_export(page, tmp_path):
+    # New phantoms (the archive's are indexed already, and would come back as duplicates with true codes).
+    rng = np.random.default_rng(2024)
+    files = []
+    for number in range(3):
+        files.append(tmp_path / f"new-skull-{number}.png")
+        cv2.imwrite(str(files[-1]), phantom("skull", rng, 160))
+    notes = tmp_path / "notes.png"
+    notes.write_text("a text file, whatever its name says")
+
     enter_token(page)
     page.click("#tab-annotate")
-    skulls = sorted((service.archive / "images").glob("synthetic-skull-*.png"))[:3]
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\n")
-    page.set_input_files("#annotate-input", [str(path) for path in skulls] + [str(broken)])
+    page.set_input_files("#annotate-input", [str(path) for path in files] + [str(notes)])
     page.locator("#annotate-count", has_text="4 / 4 done, 1 failed").wait_for()
-    assert page.locator("#annotate-failed li", has_text="broken.png").count() == 1
+    assert page.locator("#annotate-failed li", has_text="notes.png: cannot read notes.png").count() == 1
     rows = page.locator("#annotate-table tbody tr")
     assert rows.count() == 3
+    for row in rows.all():
+        IrmaCode.parse(row.locator(".proposed").inner_text())
+        assert row.locator(".status-cell").inner_text() == "pending"
+    page.wait_for_function("() => [...document.querySelectorAll('#annotate-table img')]"
+                           ".every(img => img.complete && img.naturalWidth > 0)")
 
-    first = rows.nth(0)
-    proposed = first.locator("code").inner_text()
-    correction = next(code for code in ("1121-120-200-000", "1121-120-500-000") if code != proposed)
+    first, second = rows.nth(0), rows.nth(1)
+    correction, region = next((code, words) for code, words in (("1121-120-200-000", "cranium"),
+                                                                ("1121-120-500-000", "chest"))
+                              if code != first.locator(".proposed").inner_text())
     first.locator(".code-input").fill(correction)
     first.locator("button.accept").click()
     first.locator(".status-cell", has_text="corrected").wait_for()
-    second = rows.nth(1)
+    assert region in first.locator(".row-note").inner_text()  # the stored code, in words
     second.locator(".code-input").fill("1121-12*-200-000")
     second.locator("button.accept").click()
-    second.locator(".status-cell", has_text="complete").wait_for()  # '*' is refused with the reason
+    second.locator(".row-note.error", has_text="complete").wait_for()  # '*' is refused, with the reason
+    assert second.locator(".status-cell").inner_text() == "pending"
+    screenshot(page, "cbmir-page-annotate.png")
+    assert_no_horizontal_scrolling(page)
 
     with page.expect_download() as download:
         page.click("#export-csv")
     exported = list(csv.DictReader(io.StringIO(download.value.path().read_text())))
     assert list(exported[0]) == ["id", "name", "proposed", "confidence", "true_code", "status", "words"]
+    ids = page.eval_on_selector_all("#annotate-table tbody tr", "rows => rows.map(row => row.dataset.id)")
+    assert [row["id"] for row in exported] == ids
     assert exported[0]["true_code"] == correction and exported[0]["status"] == "corrected"
+    assert [row["status"] for row in exported[1:]] == ["pending", "pending"]
+    with page.expect_download() as download:
+        page.click("#export-json")
+    assert json.loads(download.value.path().read_text())[0]["true_code"] == correction
 
 
 def test_the_api_docs_render_without_the_internet(page, service):
