@@ -70,7 +70,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 UPLOADS, THUMBNAILS = "uploads", "thumbnails"
 THUMBNAIL_SIDE = 320
 MAX_EXPORT_IDS = 10_000
-IMAGE_FIELDS = ("id", "location", "dataset", "width", "height", "true_code", "predicted", "confidence", "labels")
+IMAGE_FIELDS = ("id", "location", "dataset", "width", "height", "true_code", "predicted", "confidence", "labels",
+                "extra")
+UPLOAD_NAME = "upload_name"  # the key in `extra` of the file name an uploaded image was sent with
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -234,8 +236,9 @@ class Service:
     def image(self, row: dict[str, Any]) -> dict[str, Any]:
         code = row["true_code"] or row["predicted"]
         path, _, position = row["location"].partition("#")
+        name = row["extra"].get(UPLOAD_NAME) or Path(path).name + (f"#{position}" if position else "")
         return {
-            "id": row["id"], "name": Path(path).name + (f"#{position}" if position else ""),
+            "id": row["id"], "name": name,
             "dataset": row["dataset"], "width": row["width"],
             "height": row["height"], "code": code, "true_code": row["true_code"], "predicted": row["predicted"],
             "confidence": row["confidence"], "words": self.words(code), "labels": list(row["labels"]),
@@ -298,7 +301,7 @@ class Service:
         record = Record(name, stored, (true_code,) if true_code else (), dataset)
         mapped = Mapped(record, content_hash, self.embedder.pipeline(radiograph.pixels),
                         width=int(radiograph.pixels.shape[1]), height=int(radiograph.pixels.shape[0]),
-                        extra=dicom_tags(radiograph.meta.dicom, self.settings.dicom_tags))
+                        extra={**dicom_tags(radiograph.meta.dicom, self.settings.dicom_tags), UPLOAD_NAME: name})
         with self.model_lock:
             [(entry, prediction)] = embed_entries([mapped], self.embedder, dataset)
         write_atomically(stored, kept)
@@ -495,7 +498,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @v1.get("/images/{image_id}", response_model=ImageDetailOut, summary="An indexed image's metadata")
     def image(svc: Shared, image_id: int) -> ImageDetailOut:
-        row = svc.row(image_id, ("confidences", "extra", "added_at"))
+        row = svc.row(image_id, ("confidences", "added_at"))
         return ImageDetailOut(**svc.image(row), confidences=row["confidences"], extra=row["extra"],
                               added_at=row["added_at"],
                               original_url=f"/v1/images/{image_id}/original" if svc.settings.allow_originals else None)

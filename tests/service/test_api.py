@@ -286,6 +286,7 @@ def test_annotate_accept_correct_and_export(service):
         assert exported.headers["content-disposition"] == "attachment; filename=annotations.csv"
         rows = list(csv.DictReader(io.StringIO(exported.text)))
         assert list(rows[0]) == ["id", "name", "proposed", "confidence", "true_code", "status", "words"]
+        assert [row["name"] for row in rows] == ["scan-0.png", "scan-1.png"]  # the names the files were sent with
         assert rows[1]["true_code"] == "1121-115-700-400" and rows[1]["status"] == "corrected"
         as_json = json.loads(client.get("/v1/annotations", params={"ids": ids, "format": "json"}).text)
         assert as_json[1]["status"] == "corrected"
