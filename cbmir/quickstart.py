@@ -49,9 +49,8 @@ def prepare(work: Path, data: Path | None, tables_folder: Path | None, *, say: C
         say(f"no --data given: using {SYNTHETIC_PER_KIND * 3} SYNTHETIC phantoms (drawn shapes, not medical "
             f"images) in {data}, so that the whole flow can be seen")
     data = Path(data).absolute()
+    dataset = open_dataset(data)  # before claiming the folder: an unreadable archive must not claim it
     _claim(work, data)
-
-    dataset = open_dataset(data)
     say(dataset.summary())
     checkpoint = _model(work / "model", dataset, tables, mode, say)
     for part in ("validation", "test"):

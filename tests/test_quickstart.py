@@ -30,6 +30,11 @@ def test_quickstart_trains_indexes_serves_and_reuses(tmp_path):
     assert f"reusing the trained model in {work / 'model'}" in again
     assert any(message.startswith("indexed 0, skipped 15") for message in again)
 
+    missing = CliRunner().invoke(app, ["quickstart", "--data", str(tmp_path / "nowhere"), "--work",
+                                       str(tmp_path / "fresh-work"), "--no-serve"])
+    assert missing.exit_code == 2 and "nowhere" in missing.output
+    assert not (tmp_path / "fresh-work" / "quickstart.json").exists()  # a bad archive claims no folder
+
     other = write_synthetic_archive(tmp_path / "other", per_kind=2)
     result = CliRunner().invoke(app, ["quickstart", "--data", str(other), "--work", str(work), "--no-serve"])
     assert result.exit_code == 2 and "was made for the archive" in result.output
