@@ -14,8 +14,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
@@ -26,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cbmir.errors import CbmirError
+from cbmir.files import write_atomically
 from cbmir.irma import AXES, CodeTables, IrmaCode, IrmaCodeError, run_error_score
 
 
@@ -359,23 +358,10 @@ def irma_report(
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`: never half a file."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    created = False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "xb") as file:
-            created = True
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        if created:
-            temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise MetricsError(f"cannot write {path}: {error.strerror or error}") from error
-        raise
+        write_atomically(path, data)
+    except OSError as error:
+        raise MetricsError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def _cell(value: object) -> str:

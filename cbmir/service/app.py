@@ -17,10 +17,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import secrets
-import tempfile
 import threading
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -43,6 +41,7 @@ from cbmir.checkpoint import load_checkpoint
 from cbmir.datasets import IMAGE_SUFFIXES, Record, load_medmnist_image
 from cbmir.embed import Embedder
 from cbmir.errors import CbmirError
+from cbmir.files import write_atomically
 from cbmir.imaging.io import (
     ImageReadError,
     ImageTooLargeError,
@@ -352,16 +351,6 @@ def to_uint16(pixels: np.ndarray) -> np.ndarray:
     values = pixels.astype(np.float64)
     span = values.max() - values.min()
     return np.rint((values - values.min()) * (65535.0 / span if span else 0.0)).astype(np.uint16)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 def read_upload(name: str, data: bytes, settings: ServiceSettings):
