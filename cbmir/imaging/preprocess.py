@@ -63,6 +63,17 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     _check_grey(image)
     if image.dtype == np.uint8:
         return image
+    return _stretch(image, np.uint8)
+
+
+def to_uint16(image: np.ndarray) -> np.ndarray:
+    """16-bit copy of a grey image, stretched linearly from its own minimum to maximum onto 0..65535 (to keep
+    DICOM pixels, float after their LUTs, as a lossless-enough PNG)."""
+    _check_grey(image)
+    return _stretch(image, np.uint16)
+
+
+def _stretch(image: np.ndarray, dtype: type) -> np.ndarray:
     if image.dtype == np.bool_ or not np.issubdtype(image.dtype, np.number):
         raise PreprocessingError(f"image dtype {image.dtype} is not a numeric pixel type")
     values = image.astype(np.float64)
@@ -70,8 +81,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
         raise PreprocessingError("image contains NaN or infinite values")
     low, high = values.min(), values.max()
     if high == low:
-        return np.zeros(image.shape, np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+        return np.zeros(image.shape, dtype)
+    return np.rint((values - low) * (np.iinfo(dtype).max / (high - low))).astype(dtype)
 
 
 def pad_to_square(image: np.ndarray, mode: str) -> np.ndarray:

@@ -48,7 +48,7 @@ from cbmir.imaging.io import (
     NotAnImageError,
     read_image,
 )
-from cbmir.imaging.preprocess import to_uint8
+from cbmir.imaging.preprocess import to_uint8, to_uint16
 from cbmir.index import DuplicateImageError, Engine, Filters, Hit, QueryError
 from cbmir.irma import (
     AXES,
@@ -343,14 +343,6 @@ class Service:
 def _single_axis_code(axis: str, code: str) -> IrmaCode:
     """A full code that is `code` on `axis` and unspecified (zeros) elsewhere, to decode one axis."""
     return IrmaCode.parse("-".join(code if name == axis else "0" * AXIS_LENGTHS[name] for name in AXES))
-
-
-def to_uint16(pixels: np.ndarray) -> np.ndarray:
-    """A grey image stretched from its minimum to its maximum onto 0..65535 (DICOM pixels are float after
-    their LUTs)."""
-    values = pixels.astype(np.float64)
-    span = values.max() - values.min()
-    return np.rint((values - values.min()) * (65535.0 / span if span else 0.0)).astype(np.uint16)
 
 
 def read_upload(name: str, data: bytes, settings: ServiceSettings):
