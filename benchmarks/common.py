@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from cbmir.embed import images_to_tensor
+from cbmir.errors import CbmirError
 from cbmir.models import create_model
 
 ROOT = Path(__file__).resolve().parent
@@ -83,3 +85,18 @@ def saved_figure(path: Path, **subplots):
         figure.savefig(path, dpi=120)
     finally:
         plt.close(figure)
+
+
+def run_and_publish(name: str, run: Callable, args, *, plot: Callable, plot_file: str, markdown: Callable) -> None:
+    """Run a benchmark (`run(args)` gives its results), plot and publish them and print the markdown. A
+    `CbmirError` (a bad dataset, missing tables) is one line on stderr and exit status 2."""
+    try:
+        summary = run(args)
+    except CbmirError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    RESULTS.mkdir(exist_ok=True)
+    plot(summary, RESULTS / plot_file)
+    text = markdown(summary)
+    publish(name, summary, text)
+    print(text)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, publish, saved_figure
+from common import run_and_publish, saved_figure
 
 from cbmir.datasets import open_dataset
 from cbmir.errors import CbmirError
@@ -116,16 +116,8 @@ def main() -> None:
                         help="folder for the six checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
     args = parser.parse_args()
-    try:
-        summary = run(args)
-    except CbmirError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    RESULTS.mkdir(exist_ok=True)
-    plot(summary, RESULTS / "preprocessing-table.png")
-    text = markdown(summary)
-    publish("preprocessing_table", summary, text)
-    print(text)
+    run_and_publish("preprocessing_table", run, args, plot=plot, plot_file="preprocessing-table.png",
+                    markdown=markdown)
 
 
 if __name__ == "__main__":

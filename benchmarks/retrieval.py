@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, frozen_features, publish, saved_figure
+from common import frozen_features, run_and_publish, saved_figure
 
 from cbmir.datasets import load_pixels, open_dataset
 from cbmir.embed import Embedder, batches
@@ -268,16 +268,7 @@ def main() -> None:
         parser.error("--gallery and --queries go together")
     if (args.dataset is None) == (args.gallery is None):
         parser.error("give either DATASET or --gallery and --queries")
-    try:
-        summary = run(args)
-    except CbmirError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    RESULTS.mkdir(exist_ok=True)
-    plot(summary, RESULTS / "retrieval-precision.png")
-    text = markdown(summary)
-    publish("retrieval", summary, text)
-    print(text)
+    run_and_publish("retrieval", run, args, plot=plot, plot_file="retrieval-precision.png", markdown=markdown)
 
 
 if __name__ == "__main__":
