@@ -148,7 +148,7 @@ def test_a_file_that_is_not_a_radiograph_shows_the_reason(page, tmp_path):
     assert page.locator("#neighbours .neighbour").count() == 0
 
 
-def test_annotate_a_batch_correct_one_and_export(page, tmp_path):
+def test_annotate_a_batch_correct_one_and_export(page, service, tmp_path):
     # New phantoms (the archive's are indexed already, and would come back as duplicates with true codes).
     rng = np.random.default_rng(2024)
     files = []
@@ -178,7 +178,8 @@ def test_annotate_a_batch_correct_one_and_export(page, tmp_path):
     first.locator(".code-input").fill(correction)
     first.locator("button.accept").click()
     first.locator(".status-cell", has_text="corrected").wait_for()
-    assert region in first.locator(".row-note").inner_text()  # the stored code, in words
+    if service.settings.tables:  # the words come from the IRMA code tables in ../shared/data, when present
+        assert region in first.locator(".row-note").inner_text()  # the stored code, in words
     second.locator(".code-input").fill("1121-12*-200-000")
     second.locator("button.accept").click()
     second.locator(".row-note.error", has_text="complete").wait_for()  # '*' is refused, with the reason
