@@ -62,8 +62,10 @@ def publish(name: str, results: dict, markdown: str) -> None:
 
 
 @torch.inference_mode()
-def frozen_features(images: np.ndarray) -> np.ndarray:
-    model = create_model("efficientnet-lite0", {"label": 2}, pretrained=True, input_size=images.shape[1]).eval()
+def frozen_features(images: np.ndarray, model_name: str = "efficientnet-lite0") -> np.ndarray:
+    """The untrained trunk features of a packaged ImageNet model (by default the plain Lite0's 1280 pooled
+    features)."""
+    model = create_model(model_name, {"label": 2}, pretrained=True, input_size=images.shape[1]).eval()
     model.to(memory_format=torch.channels_last)
     batches = [model.trunk_features(images_to_tensor(images[i : i + 32], torch.device("cpu"))).numpy()
                for i in range(0, len(images), 32)]

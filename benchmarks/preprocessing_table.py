@@ -4,10 +4,10 @@ square image (resize / repetitive / constant padding) and which variant (plain /
     python benchmarks/preprocessing_table.py ../shared/data/irma2007-dev --tables ../shared/data/irma-code-tables
 
 Nkwentsha et al. (Tables I/II) trained InceptionV3 on each of the six preprocessings; its ImageNet weights
-are not available here, so every cell trains the default CPU model (ImageNet EfficientNet-Lite0, IRMA axis
-heads) instead, with the same split, seed and training budget, and reports the held-back part's full-code
-accuracy, loss (the classification objective on that part: the sum of the four axis heads' log losses),
-per-axis accuracy, mean ImageCLEF error score and the training time (feature caching included).
+are not available here, so every cell trains the default CPU model (ImageNet EfficientNet-Lite0 with
+regional pooling, IRMA axis heads) instead, with the same split, seed and training budget, and reports the
+held-back part's full-code accuracy, loss (the classification objective on that part: the sum of the four
+axis heads' log losses), per-axis accuracy, mean ImageCLEF error score and the training time (feature caching included).
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def markdown(summary: dict) -> str:
     lines = [
         (f"Dataset `{summary['dataset']}` ({summary['images']} images), split 70/10/20 with seed {summary['seed']} "
          f"(train {sizes['train']} / validation {sizes['validation']} / test {sizes['test']}), the same in every "
-         f"cell; every cell: the default CPU model (ImageNet EfficientNet-Lite0 with IRMA axis heads, "
-         f"{summary['mode']} mode, up to {summary['epochs']} epochs with early stopping). The paper used "
+         f"cell; every cell: the default CPU model (ImageNet EfficientNet-Lite0, regionally pooled, with IRMA "
+         f"axis heads, {summary['mode']} mode, up to {summary['epochs']} epochs with early stopping). The paper used "
          "InceptionV3, whose ImageNet weights are not available on this machine. Test loss: the sum of the four "
          "axis heads' log losses; error score: of the predictions with '*' where the validation-chosen threshold "
          "stops them."),

@@ -53,7 +53,8 @@ class TrainingError(CbmirError):
 @dataclass
 class TrainConfig:
     """Everything that decides a training run. The defaults are the CPU default: a frozen ImageNet
-    EfficientNet-Lite0 trunk, a 512-d embedding layer and the heads, trained on cached features."""
+    EfficientNet-Lite0 trunk with regional pooling, a 512-d embedding layer and the heads, trained on cached
+    features."""
 
     model: str = "efficientnet-lite0-regional"
     task: str = "auto"  # auto: irma-axes when every label is an IRMA code, multi-label when any record has != 1
