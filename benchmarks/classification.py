@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -106,7 +107,9 @@ def main() -> None:
         started = time.time()
         config = make_config(mode=mode, split=SPLIT, seed=args.seed, input_size=args.input_size,
                              contrastive_weight=float(weight))
-        checkpoint = train(dataset, config, args.work / run.replace("/", "-"), tables=tables)
+        out = args.work / run.replace("/", "-")
+        shutil.rmtree(out, ignore_errors=True)  # no feature cache of an earlier run: the time includes caching
+        checkpoint = train(dataset, config, out, tables=tables)
         seconds[run] = round(time.time() - started, 1)
         metrics = json.loads((checkpoint.path / "test.json").read_text())
         irma = metrics["irma"]

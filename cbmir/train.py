@@ -64,7 +64,7 @@ class TrainConfig:
     embedding_dim: int | None = 512  # width of the embedding layer (neck); None: the model's default
     model_options: dict[str, Any] = field(default_factory=dict)
     mode: str = "heads"
-    finetune_blocks: int = 6
+    finetune_blocks: int = 4  # the last four stages of the default trunk, the ones its regional pooling reads
     optimizer: str = "adamw"
     lr: float = 1e-3
     lr_decay: float = 0.0  # Keras-style: lr / (1 + lr_decay * iteration), as in the ImageCLEF paper

@@ -130,6 +130,21 @@ def test_heads_mode_trains_on_cached_features_of_the_pretrained_lite0(archive, t
         torch.testing.assert_close(loaded.model.get_parameter(name), pretrained.get_parameter(name))
 
 
+def test_finetune_mode_trains_only_the_last_four_stages_of_the_default_trunk(archive, tmp_path):
+    config = make_config(mode="finetune", epochs=2, finetune_epochs=1, views=1, embedding_dim=32, batch_size=8,
+                         input_size=64)
+    checkpoint = train(open_dataset(archive), config, tmp_path)
+    stages = [row["stage"] for row in checkpoint.card["training"]["history"]]
+    assert stages == ["heads", "heads", "finetune"]
+    imagenet = training.create_model("efficientnet-lite0-regional", checkpoint.schema.head_sizes, pretrained=True,
+                                     embedding_dim=32, input_size=64)
+    moved = {}
+    for name, value in imagenet.trunk.named_parameters():
+        block = name.split(".")[1] if name.startswith("blocks.") else "stem"
+        moved[block] = moved.get(block, False) or not torch.equal(checkpoint.model.trunk.get_parameter(name), value)
+    assert moved == {"stem": False, "0": False, "1": False, "2": False, "3": True, "4": True, "5": True, "6": True}
+
+
 def test_multi_label_training_reports_roc_auc(archive, tmp_path):
     rows = [line.split(";") for line in (archive / "codes.csv").read_text().splitlines()[1:]]
     findings = {"1123-127-500-000": ("Effusion",), "1121-110-411-700": (), "1121-120-200-700": ("Effusion", "Mass")}
