@@ -28,7 +28,7 @@ from common import frozen_features, publish  # noqa: E402
 
 from cbmir.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from cbmir.datasets import open_dataset  # noqa: E402
-from cbmir.embed import run_model  # noqa: E402
+from cbmir.embed import Embedder  # noqa: E402
 from cbmir.irma import AXES, CodeTables, IrmaCode, run_error_score  # noqa: E402
 from cbmir.prepared import prepare_images  # noqa: E402
 from cbmir.train import make_config, train  # noqa: E402
@@ -84,7 +84,8 @@ def engine_retrieval(folder: Path, dataset, cache: Path) -> dict[str, float]:
     by_id = {record.id: record for record in dataset.records}
     parts = {name: prepare_images([by_id[i] for i in split[name]], checkpoint.pipeline, cache, f"retrieval {name}")
              for name in ("train", "test")}
-    vectors = {name: run_model(checkpoint.model, iter(part.images))[0] for name, part in parts.items()}
+    embedder = Embedder(checkpoint)
+    vectors = {name: embedder.embed_inputs(part.images).vectors for name, part in parts.items()}
     codes = {name: [IrmaCode.parse(r.labels[0]) for r in part.records] for name, part in parts.items()}
     return retrieval(vectors["train"], codes["train"], vectors["test"], codes["test"])
 

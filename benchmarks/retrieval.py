@@ -39,7 +39,7 @@ from common import frozen_features, run_and_publish, saved_figure
 from cbmir.datasets import load_pixels, open_dataset
 from cbmir.embed import Embedder, batches
 from cbmir.errors import CbmirError
-from cbmir.index import Engine
+from cbmir.search import Retrieval
 from cbmir.irma import AXES, CodeTables, IrmaCode, run_error_score
 from cbmir.prepared import prepare_images
 from cbmir.train import make_config, train
@@ -113,15 +113,16 @@ def single_labelled(dataset) -> list:
 def search_engine(gallery: list, queries: list, embedder: Embedder, folder: Path, name: str) -> dict:
     """Index the gallery into a fresh engine, then query it with every query image: the labels of each
     query's top 10, the model's predicted label per query, and the labels the engine holds."""
-    with Engine.open(folder, embedder=embedder) as engine:
-        indexing = index_records(gallery, engine, embedder, dataset=name)
+    with Retrieval.open(folder, embedder) as retrieval:
+        engine = retrieval.engine
+        indexing = index_records(gallery, retrieval, dataset=name)
         print(indexing.text())
-        stored = [row["true_code"] for row in engine.get(engine.query(), ["true_code"])]
+        stored = [row.true_code for row in engine.get(engine.query())]
         neighbours, predicted = [], []
         for chunk in batches(queries, 32):
-            embeddings, predictions = embedder.embed_and_predict([load_pixels(record) for record in chunk])
+            embeddings = embedder.embed([load_pixels(record) for record in chunk])
             neighbours += [[hit.true_code for hit in engine.search(vector, 10)] for vector in embeddings.vectors]
-            predicted += [prediction.label for prediction in predictions]
+            predicted += [prediction.label for prediction in embeddings.predictions]
     return {"neighbours": neighbours, "predicted": predicted, "gallery_labels": stored}
 
 

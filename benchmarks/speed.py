@@ -41,12 +41,13 @@ from common import RESULTS, publish, saved_figure
 
 from cbmir.checkpoint import Checkpoint, load_checkpoint, new_card, save_checkpoint
 from cbmir.datasets import load_pixels
-from cbmir.embed import Embedder, run_model
+from cbmir.embed import Embedder
 from cbmir.imaging.preprocess import preset
-from cbmir.index import Engine, Filters, ImageEntry, IndexPolicy, automatic_type
+from cbmir.index import Engine, Filters, ImageEntry, IndexPolicy, ModelStamp, automatic_type
 from cbmir.labels import LabelSchema
 from cbmir.models import create_model
 from cbmir.train import TrainConfig
+from cbmir.search import Retrieval
 from indexer.pipeline import index_records, read_archive
 
 DIMENSION, K, BATCH, CLUSTERS = 512, 10, 32, 200
@@ -75,14 +76,14 @@ def indexing(archive: Path, model: Path | None, workers: int, work: Path) -> dic
         described = f"untrained {TrainConfig().model} (CPU default)"
     else:
         checkpoint, described = load_checkpoint(model), str(model)
-    embedder = Embedder(checkpoint)
-    with Engine.open(work / "index", embedder=embedder) as engine:
-        summary = index_records(records, engine, embedder, dataset=name, workers=workers, batch_size=BATCH)
+    embedder = Embedder(checkpoint, batch_size=BATCH)
+    with Retrieval.open(work / "index", embedder) as retrieval:
+        summary = index_records(records, retrieval, dataset=name, workers=workers, batch_size=BATCH)
     print(summary.text())
-    images = [embedder.pipeline(load_pixels(record)) for record in records]
-    run_model(checkpoint.model, images[:BATCH], batch_size=BATCH)  # warm-up
+    images = [embedder.prepare(load_pixels(record)) for record in records]
+    embedder.embed_inputs(images[:BATCH])  # warm-up
     started = time.perf_counter()
-    run_model(checkpoint.model, images, batch_size=BATCH)
+    embedder.embed_inputs(images)
     model_seconds = time.perf_counter() - started
     sizes = [max(image.shape[:2]) for image in images]
     result = {
@@ -130,7 +131,7 @@ def unit_rows(count: int, rng: np.random.Generator, clusters: int = 0) -> np.nda
 def build_store(folder: Path, vectors: np.ndarray, codes: list[str]) -> float:
     """Add the generated images through the engine (Flat); returns the seconds it took."""
     started = time.perf_counter()
-    with Engine.open(folder, stamp={"architecture": "generated"}, dimension=DIMENSION, index_type="Flat",
+    with Engine.open(folder, model=ModelStamp({"architecture": "generated"}, DIMENSION), index_type="Flat",
                      policy=IndexPolicy(write_every=len(vectors) + 1)) as engine:
         for start in range(0, len(vectors), 20_000):
             engine.add([

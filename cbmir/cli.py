@@ -3,9 +3,9 @@ and turning a `CbmirError` into a one-line message and exit status 2."""
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -21,7 +21,14 @@ app.add_typer(irma_app, name="irma")
 db_app = typer.Typer(help="The search index: statistics and failures.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+
+
+class CodeSourceOption(str, enum.Enum):
+    """`cbmir.index.CodeSource` as a typer choice."""
+
+    best = "best"
+    true = "true"
+    predicted = "predicted"
 
 
 def reports_errors(command: Callable) -> Callable:
@@ -112,26 +119,40 @@ def dataset(
         raise typer.Exit(1)
 
 
+@functools.cache
+def _settings():
+    """The CLI's defaults from the environment (see `cbmir.settings`), read once."""
+    from cbmir.settings import Settings, load_settings
+
+    return load_settings(Settings)
+
+
+def _start_torch() -> None:
+    """Torch's thread count, set once by the program (from $CBMIR_THREADS; every core by default)."""
+    from cbmir.embed import set_threads
+
+    set_threads(_settings().threads)
+
+
+def _tables_folder(folder: Optional[Path]) -> Optional[Path]:
+    """The code tables folder given, else $CBMIR_IRMA_TABLES, else None."""
+    return folder or _settings().irma_tables
+
+
 def _tables(folder: Optional[Path]):
     """IRMA code tables from `folder` or $CBMIR_IRMA_TABLES, or None (with a note) when neither has them."""
-    from cbmir.irma import TABLES_ENV, CodeTables, CodeTablesNotFoundError
+    from cbmir.irma import CodeTables, CodeTablesNotFoundError
 
-    if folder is None and not os.environ.get(TABLES_ENV):
+    chosen = _tables_folder(folder)
+    if chosen is None:
         return None
     try:
-        return CodeTables.load(folder)
+        return CodeTables.load(chosen)
     except CodeTablesNotFoundError as error:
         if folder is not None:
             raise
         typer.echo(f"note: {error}", err=True)
         return None
-
-
-def _tables_folder(folder: Optional[Path]) -> Optional[Path]:
-    """The code tables folder given, else $CBMIR_IRMA_TABLES, else None."""
-    from cbmir.irma import TABLES_ENV
-
-    return folder or (Path(os.environ[TABLES_ENV]) if os.environ.get(TABLES_ENV) else None)
 
 
 TablesOption = Annotated[
@@ -172,6 +193,7 @@ def train(
     overrides = {key: value for key, value in given.items() if value is not None}
     settings = TrainConfig.from_file(config, **overrides) if config else make_config(recipe, **overrides)
     dataset = open_dataset(data, **({"table": nih_table} if nih_table else {}))
+    _start_torch()
     typer.echo(dataset.summary())
     checkpoint = run_training(dataset, settings, out, resume=resume, tables=_tables(tables))
     typer.echo(f"checkpoint written to {out}")
@@ -203,6 +225,7 @@ def evaluate(
     from cbmir.datasets import open_dataset
     from cbmir.evaluate import evaluate_dataset
 
+    _start_torch()
     loaded = load_checkpoint(checkpoint)
     dataset = open_dataset(data, **({"table": nih_table} if nih_table else {}))
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +239,7 @@ DbOption = Annotated[Path, typer.Option("--db", help="Index folder (SQLite store
 
 def _existing_index(db: Path) -> Path:
     """Read commands must not create an empty index where the user mistyped a folder."""
-    from cbmir.index.engine import STORE_FILE
+    from cbmir.index import STORE_FILE
 
     if not (db / STORE_FILE).is_file():
         raise CbmirError(f"{db} holds no cbmir index (no {STORE_FILE}); build one with `cbmir index`")
@@ -236,15 +259,16 @@ def index(
 ) -> None:
     """Index an archive: embeddings and predicted codes into the search index. Re-running skips what is
     already indexed; unreadable files go into the failure report and never stop the run."""
-    from cbmir.checkpoint import load_checkpoint
     from cbmir.embed import Embedder
-    from cbmir.index import Engine
+    from cbmir.search import Retrieval
     from indexer.pipeline import index_records, read_archive
 
-    embedder = Embedder(load_checkpoint(model))
+    _start_torch()
+    embedder = Embedder.load(model, batch_size=batch_size)
     name, records = read_archive(archive, **({"table": nih_table} if nih_table else {}))
-    with Engine.open(db, embedder=embedder, index_type=index_type) as engine:
-        summary = index_records(records, engine, embedder, dataset=name, workers=workers, batch_size=batch_size)
+    with Retrieval.open(db, embedder, index_type=index_type) as retrieval:
+        summary = index_records(records, retrieval, dataset=name, workers=workers, batch_size=batch_size,
+                                max_pixels=_settings().max_pixels)
         typer.echo(summary.text())
         if summary.failed:
             typer.echo(f"failure report: cbmir db failures --db {db}")
@@ -262,23 +286,25 @@ def search(
     technical: Annotated[Optional[str], typer.Option(help="IRMA technical prefix.")] = None,
     directional: Annotated[Optional[str], typer.Option(help="IRMA directional prefix.")] = None,
     code: Annotated[Optional[str], typer.Option(help="A full IRMA code.")] = None,
-    on: Annotated[str, typer.Option(help="Filter on the best (true where known), true or predicted code.")] = "best",
+    on: Annotated[CodeSourceOption, typer.Option(help="Filter on the best (true where known), true or predicted code.")] = CodeSourceOption.best,
     dataset: Annotated[Optional[str], typer.Option(help="Only images of this dataset.")] = None,
     label: Annotated[Optional[str], typer.Option(help="Only images with this label or finding.")] = None,
     tables: TablesOption = None,
 ) -> None:
     """Find the radiographs most similar to IMAGE, with the predicted code in words."""
-    from cbmir.checkpoint import load_checkpoint
     from cbmir.embed import Embedder
     from cbmir.imaging.io import read_image
-    from cbmir.index import Engine, Filters
+    from cbmir.index import Filters
+    from cbmir.search import Retrieval
 
     filters = Filters(technical=technical, directional=directional, anatomy=anatomy, biology=biology, code=code,
-                      on=on, dataset=dataset, label=label)
-    pixels = read_image(image).pixels
+                      on=on.value, dataset=dataset, label=label)
+    pixels = read_image(image, max_pixels=_settings().max_pixels).pixels
     code_tables = _tables(tables)
-    with Engine.open(_existing_index(db), embedder=Embedder(load_checkpoint(model))) as engine:
-        prediction, hits = engine.search_image(pixels, k, filters)
+    _start_torch()
+    with Retrieval.open(_existing_index(db), Embedder.load(model)) as retrieval:
+        result = retrieval.search_image(pixels, k, filters)
+    prediction, hits = result.prediction, result.hits
     typer.echo(f"predicted: {prediction.label} (confidence {prediction.confidence:.3f})")
     if prediction.axes:
         for axis, axis_prediction in prediction.axes.items():
@@ -305,6 +331,7 @@ def quickstart(
     """From an archive to a running engine: split, train the default CPU model, evaluate, index, serve."""
     from cbmir.quickstart import prepare
 
+    _start_torch()
     settings = prepare(work, data, _tables_folder(tables), say=typer.echo, mode=mode, host=host, port=port)
     if serve:
         _run_service(settings)
@@ -315,23 +342,27 @@ def quickstart(
 def serve(
     db: DbOption,
     model: Annotated[Path, typer.Option(help="Checkpoint folder the index was built with.")],
-    host: Annotated[str, typer.Option(help="Address to listen on; without a token only loopback is allowed.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default 127.0.0.1); without a token only loopback is allowed.")] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (default 8000).")] = None,
     token_file: Annotated[Optional[Path], typer.Option(help="File whose first line is the bearer token (default: $CBMIR_TOKEN).")] = None,
     tables: TablesOption = None,
-    max_upload_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 64,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image, in pixels (checked before decoding).")] = 50_000_000,
-    allow_originals: Annotated[bool, typer.Option(help="Serve original files, not only thumbnails.")] = False,
+    max_upload_mb: Annotated[Optional[float], typer.Option(min=0.01, help="Largest request body, in MiB (default 64).")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image, in pixels, checked before decoding (default: $CBMIR_MAX_PIXELS or 50,000,000).")] = None,
+    allow_originals: Annotated[Optional[bool], typer.Option("--allow-originals/--thumbnails-only", help="Serve original files, not only thumbnails (default: thumbnails only).")] = None,
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="A web origin allowed to call the API (repeatable).")] = None,
     keep_dicom_tag: Annotated[Optional[list[str]], typer.Option(help="A DICOM tag to store with uploads besides the technical ones (repeatable).")] = None,
 ) -> None:
-    """Start the query service: the HTTP API (/v1, docs at /docs) and the web page (/)."""
-    from cbmir.service import ServiceSettings, read_token
+    """Start the query service: the HTTP API (/v1, docs at /docs) and the web page (/). Every option can also
+    be set as an environment variable CBMIR_<SETTING> (CBMIR_TOKEN, CBMIR_MAX_PIXELS, ...)."""
+    from cbmir.service.settings import MEGABYTE, ServiceSettings, read_token_file
+    from cbmir.settings import load_settings
 
-    settings = ServiceSettings(
-        db=_existing_index(db), model=model, tables=_tables_folder(tables), token=read_token(token_file), host=host, port=port,
-        max_upload_bytes=int(max_upload_mb * (1 << 20)), max_pixels=max_pixels, allow_originals=allow_originals,
-        cors_origins=tuple(cors_origin or ()), dicom_tags=tuple(keep_dicom_tag or ()),
+    settings = load_settings(
+        ServiceSettings, db=_existing_index(db), model=model, irma_tables=tables, host=host, port=port,
+        token=read_token_file(token_file) if token_file else None,
+        max_upload_bytes=int(max_upload_mb * MEGABYTE) if max_upload_mb else None, max_pixels=max_pixels,
+        allow_originals=allow_originals, cors_origins=tuple(cors_origin) if cors_origin else None,
+        dicom_tags=tuple(keep_dicom_tag) if keep_dicom_tag else None,
     )
     _run_service(settings)
 
@@ -342,6 +373,7 @@ def _run_service(settings) -> None:
     from cbmir.service import create_app
 
     settings.check_binding()
+    _start_torch()
     app_instance = create_app(settings)
     typer.echo(f"cbmir: serving {settings.db} at http://{settings.host}:{settings.port}/ (API docs at /docs)")
     typer.echo(f"token: {settings.token}" if settings.token else "no token: reachable from this machine only")

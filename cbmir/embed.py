@@ -1,30 +1,51 @@
-"""Images to embeddings and predictions, in batches, through a checkpoint's own preprocessing pipeline.
+"""Images to embeddings and predictions through a checkpoint's own model and preprocessing.
 
-CPU inference is set up for speed: inference mode, channels_last memory layout, and all cores as torch
-threads (unless told otherwise); the GPU is used when torch sees one."""
+`Embedder` is the only code that runs a model for inference: the indexer, the search use case
+(`cbmir.search`), the service, the CLI, evaluation and the benchmarks all call `Embedder.embed_inputs`.
+It owns the model lock, so concurrent callers take turns for the model (each run already uses every
+core) and nothing else waits on it; it is also where the inference runtime is chosen. Below it, the index
+knows vectors and a `ModelStamp`, never a model.
+
+CPU inference: inference mode and channels_last memory layout; the GPU is used when torch sees one.
+The thread count is a process-wide setting, made by the program (see `set_threads`), never here.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from cbmir.checkpoint import Checkpoint
-from cbmir.labels import Prediction, decode_predictions, probabilities_from_logits
-from cbmir.models import RadiographNet
+from cbmir.checkpoint import Checkpoint, load_checkpoint
+from cbmir.imaging.preprocess import Preprocessing
+from cbmir.stamp import ModelStamp
+from cbmir.labels import LabelSchema, Prediction, decode_predictions, probabilities_from_logits
+
+T = TypeVar("T")
 
 
 @dataclass
 class Embeddings:
+    """The model's answer for N images: search vectors, probabilities per head, and decoded predictions."""
+
     vectors: np.ndarray  # N x d float32, unit L2 norm
     probabilities: dict[str, np.ndarray]  # head -> N x n_classes
+    predictions: list[Prediction]
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's process-wide thread count (None: every core). Programs call this once, at start-up."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
 def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -33,9 +54,9 @@ def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch.channels_last)
 
 
-def batches(items: Iterable, size: int) -> Iterator[list]:
+def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """Lists of `size` consecutive items (the last one shorter)."""
-    batch = []
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
@@ -45,56 +66,54 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-@torch.inference_mode()
-def run_model(
-    model: RadiographNet, images: Iterable[np.ndarray], *, batch_size: int = 16, device: torch.device | None = None
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Unit-norm embeddings (N x d float32) and raw logits per head for preprocessed uint8 H x W x 3 images."""
-    device = device or default_device()
-    model.eval().to(device, memory_format=torch.channels_last)
-    vectors, logits = [], {head: [] for head in model.head_sizes}
-    for batch in batches(images, batch_size):
-        output = model(images_to_tensor(np.stack(batch), device))
-        vectors.append(torch.nn.functional.normalize(output.features, dim=1).float().cpu().numpy())
-        for head, values in output.logits.items():
-            logits[head].append(values.float().cpu().numpy())
-    if not vectors:
-        return np.zeros((0, model.embedding_dim), np.float32), {
-            head: np.zeros((0, size), np.float32) for head, size in model.head_sizes.items()
-        }
-    return np.concatenate(vectors), {head: np.concatenate(parts) for head, parts in logits.items()}
-
-
 class Embedder:
-    """Turns grey radiographs (2-D arrays, as `cbmir.imaging.io.read_image` gives) into search vectors and
-    predictions with a checkpoint's model and its recorded preprocessing."""
+    """Turns radiographs into search vectors and predictions with a checkpoint's model and its recorded
+    preprocessing. Safe to share between threads."""
 
-    def __init__(self, checkpoint: Checkpoint, *, batch_size: int = 16, threads: int | None = None):
-        self.checkpoint = checkpoint
-        self.schema = checkpoint.schema
-        self.pipeline = checkpoint.pipeline
+    def __init__(self, checkpoint: Checkpoint, *, batch_size: int = 32):
+        self.schema: LabelSchema = checkpoint.schema
+        self.pipeline: Preprocessing = checkpoint.pipeline
+        self.irma_threshold = checkpoint.irma_threshold
         self.batch_size = batch_size
         self.device = default_device()
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self._model = checkpoint.model.eval().to(self.device, memory_format=torch.channels_last)
+        self.stamp = ModelStamp(checkpoint.stamp, self._model.embedding_dim)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], *, batch_size: int = 32) -> Embedder:
+        """The embedder of the checkpoint in `folder` (a `CheckpointError` names what is wrong with it)."""
+        return cls(load_checkpoint(Path(folder)), batch_size=batch_size)
 
     @property
     def dimension(self) -> int:
-        return self.checkpoint.model.embedding_dim
+        return self.stamp.dimension
+
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """A grey radiograph (2-D array, as `cbmir.imaging.io.read_image` gives) as this model's input."""
+        return self.pipeline(pixels)
 
     def embed(self, pixels: Iterable[np.ndarray]) -> Embeddings:
-        vectors, logits = run_model(
-            self.checkpoint.model,
-            (self.pipeline(image) for image in pixels),
-            batch_size=self.batch_size,
-            device=self.device,
-        )
-        return Embeddings(vectors, probabilities_from_logits(self.schema, logits))
+        """Embed grey radiographs: `prepare` each, then `embed_inputs`."""
+        return self.embed_inputs(self.prepare(image) for image in pixels)
 
-    def predict(self, embeddings: Embeddings, top: int = 3) -> list[Prediction]:
-        return decode_predictions(
-            self.schema, embeddings.probabilities, irma_threshold=self.checkpoint.irma_threshold, top=top
-        )
-
-    def embed_and_predict(self, pixels: Sequence[np.ndarray]) -> tuple[Embeddings, list[Prediction]]:
-        embeddings = self.embed(pixels)
-        return embeddings, self.predict(embeddings)
+    @torch.inference_mode()
+    def embed_inputs(self, inputs: Iterable[np.ndarray] | np.ndarray) -> Embeddings:
+        """Embed prepared model inputs (uint8 H x W x 3, as `prepare` makes them), in batches of
+        `batch_size`; the lock is held for one batch at a time."""
+        vectors: list[np.ndarray] = []
+        logits: dict[str, list[np.ndarray]] = {head: [] for head in self._model.head_sizes}
+        for batch in batches(inputs, self.batch_size):
+            tensor = images_to_tensor(np.stack(batch), self.device)
+            with self._lock:
+                output = self._model(tensor)
+                vectors.append(torch.nn.functional.normalize(output.features, dim=1).float().cpu().numpy())
+                for head, values in output.logits.items():
+                    logits[head].append(values.float().cpu().numpy())
+        if not vectors:
+            empty = {head: np.zeros((0, size), np.float32) for head, size in self._model.head_sizes.items()}
+            return Embeddings(np.zeros((0, self.dimension), np.float32), empty, [])
+        joined = {head: np.concatenate(parts) for head, parts in logits.items()}
+        probabilities = probabilities_from_logits(self.schema, joined)
+        predictions = decode_predictions(self.schema, probabilities, irma_threshold=self.irma_threshold)
+        return Embeddings(np.concatenate(vectors), probabilities, predictions)

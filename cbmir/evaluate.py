@@ -13,10 +13,10 @@ import numpy as np
 
 from cbmir.checkpoint import Checkpoint
 from cbmir.datasets import Dataset
-from cbmir.embed import run_model
+from cbmir.embed import Embedder
 from cbmir.errors import CbmirError
 from cbmir.irma import CodeTables, IrmaCode, IrmaCodeError, run_error_score
-from cbmir.labels import LABEL_HEAD, decode_predictions, probabilities_from_logits
+from cbmir.labels import LABEL_HEAD, decode_predictions
 from cbmir.metrics import classification_report, irma_report, multilabel_report, plot_confusion_matrix, write_report
 from cbmir.prepared import PreparedImages, prepare_images
 
@@ -29,8 +29,7 @@ THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 
 
 def predict_part(checkpoint: Checkpoint, part: PreparedImages) -> dict[str, np.ndarray]:
-    _, logits = run_model(checkpoint.model, iter(part.images))
-    return probabilities_from_logits(checkpoint.schema, logits)
+    return Embedder(checkpoint).embed_inputs(part.images).probabilities
 
 
 def choose_irma_threshold(checkpoint: Checkpoint, part: PreparedImages, tables: CodeTables | None) -> tuple[float, str]:

@@ -33,9 +33,7 @@ TABLES_ENV = "CBMIR_IRMA_TABLES"
 
 NOT_KNOWN = "*"
 _CODE_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")
-_FORMAT_HINT = (
-    "expected TTTT-DDD-AAA-BBB (groups of 4, 3, 3 and 3 characters) or the same 13 characters without dashes"
-)
+_FORMAT_HINT = "expected TTTT-DDD-AAA-BBB (groups of 4, 3, 3 and 3 characters) or the same 13 characters without dashes"
 
 
 class IrmaCodeError(CbmirError):
@@ -57,9 +55,7 @@ def axis_name(axis: str) -> str:
         return key
     if key in AXIS_ALIASES:
         return AXIS_ALIASES[key]
-    raise IrmaCodeError(
-        f"unknown IRMA axis {axis!r}: expected one of {', '.join(AXES)} or the short forms T, D, A, B"
-    )
+    raise IrmaCodeError(f"unknown IRMA axis {axis!r}: expected one of {', '.join(AXES)} or the short forms T, D, A, B")
 
 
 def _axis_problem(axis: str, value: str) -> str | None:
@@ -71,10 +67,7 @@ def _axis_problem(axis: str, value: str) -> str | None:
         if char == NOT_KNOWN:
             star = star or position
         elif char not in _CODE_CHARS:
-            return (
-                f"{axis} axis position {position} is {char!r}; allowed are digits, letters a-z "
-                f"and '*' (not known)"
-            )
+            return f"{axis} axis position {position} is {char!r}; allowed are digits, letters a-z and '*' (not known)"
         elif star is not None:
             return (
                 f"{axis} axis position {position} is {char!r} after '*' at position {star}; once a position "
@@ -115,9 +108,7 @@ class IrmaCode:
         if "-" in stripped:
             parts = stripped.split("-")
             if len(parts) != len(AXES):
-                raise IrmaCodeError(
-                    f"invalid IRMA code {text!r}: {len(parts)} dash-separated groups, {_FORMAT_HINT}"
-                )
+                raise IrmaCodeError(f"invalid IRMA code {text!r}: {len(parts)} dash-separated groups, {_FORMAT_HINT}")
         elif len(stripped) == sum(AXIS_LENGTHS.values()):
             parts, start = [], 0
             for axis in AXES:
@@ -125,7 +116,7 @@ class IrmaCode:
                 start += AXIS_LENGTHS[axis]
         else:
             raise IrmaCodeError(f"invalid IRMA code {text!r}: {len(stripped)} characters, {_FORMAT_HINT}")
-        for axis, part in zip(AXES, parts):
+        for axis, part in zip(AXES, parts, strict=True):
             problem = _axis_problem(axis, part.lower())
             if problem:
                 raise IrmaCodeError(f"invalid IRMA code {text!r}: {problem}")
@@ -163,8 +154,7 @@ def matches(code: IrmaCode | str, axis: str, prefix: str) -> bool:
         raise IrmaCodeError(f"empty IRMA {name} prefix: give at least the first position, e.g. '9'")
     if len(wanted) > AXIS_LENGTHS[name]:
         raise IrmaCodeError(
-            f"IRMA {name} prefix {prefix!r} has {len(wanted)} characters but the axis has only "
-            f"{AXIS_LENGTHS[name]}"
+            f"IRMA {name} prefix {prefix!r} has {len(wanted)} characters but the axis has only {AXIS_LENGTHS[name]}"
         )
     for position, char in enumerate(wanted, 1):
         if char not in _CODE_CHARS:
@@ -255,9 +245,7 @@ class AxisTable:
             if code in entries:
                 replace = code in misplaced and in_place
                 kept, dropped = (label, entries[code]) if replace else (entries[code], label)
-                issues.append(
-                    f"{path.name} line {number}: {code} defined twice; kept {kept!r}, ignored {dropped!r}"
-                )
+                issues.append(f"{path.name} line {number}: {code} defined twice; kept {kept!r}, ignored {dropped!r}")
                 if not replace:
                     previous = None
                     continue
@@ -384,7 +372,8 @@ def axis_error(true: IrmaCode | str, predicted: IrmaCode | str, axis: str, table
     counts = tables.branch_counts(true_code, name)
     worst = total = 0.0
     delta = 0.0
-    for position, (truth, guess, branches) in enumerate(zip(true_code[name], predicted_code[name], counts), 1):
+    positions = zip(true_code[name], predicted_code[name], counts, strict=True)
+    for position, (truth, guess, branches) in enumerate(positions, 1):
         if delta == 0.0 and guess != truth:
             delta = 0.5 if guess == NOT_KNOWN else 1.0
         weight = 1.0 / (branches * position)

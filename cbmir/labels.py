@@ -12,15 +12,17 @@ Three tasks:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from cbmir.errors import CbmirError
 from cbmir.irma import AXES, IrmaCode
 
-TASKS = ("single-label", "multi-label", "irma-axes")
+Task = Literal["single-label", "multi-label", "irma-axes"]
+TASKS: tuple[Task, ...] = get_args(Task)
 LABEL_HEAD = "label"
 
 
@@ -30,7 +32,7 @@ class LabelError(CbmirError):
 
 @dataclass(frozen=True)
 class LabelSchema:
-    task: str
+    task: Task
     heads: Mapping[str, tuple[str, ...]]
 
     def __post_init__(self) -> None:
@@ -50,7 +52,7 @@ class LabelSchema:
                 raise LabelError(f"head {head!r} lists a class twice")
 
     @classmethod
-    def from_labels(cls, task: str, labels: Sequence[Sequence[str]]) -> LabelSchema:
+    def from_labels(cls, task: Task, labels: Sequence[Sequence[str]]) -> LabelSchema:
         """The schema covering every label in `labels` (one tuple of labels per record), classes sorted."""
         if task == "irma-axes":
             codes = [_one_code(record_labels) for record_labels in labels]
@@ -150,7 +152,7 @@ def predict_irma_axes(
 
 def _descend(row: np.ndarray, classes: Sequence[str], threshold: float) -> AxisPrediction:
     length = len(classes[0])
-    candidates = np.arange(len(classes))
+    candidates = list(range(len(classes)))
     prefix, mass = "", 1.0
     for position in range(length):
         totals: dict[str, float] = {}
@@ -196,8 +198,7 @@ def decode_predictions(
     """One `Prediction` per row of the per-head probabilities."""
     count = len(next(iter(probabilities.values())))
     tops = [
-        {head: _top(matrix[n], schema.heads[head], top) for head, matrix in probabilities.items()}
-        for n in range(count)
+        {head: _top(matrix[n], schema.heads[head], top) for head, matrix in probabilities.items()} for n in range(count)
     ]
     if schema.task == "irma-axes":
         return [

@@ -19,9 +19,10 @@ from cbmir.checkpoint import CARD_FILE, Checkpoint, load_checkpoint
 from cbmir.datasets import open_dataset
 from cbmir.embed import Embedder
 from cbmir.errors import CbmirError
-from cbmir.index import Engine
 from cbmir.irma import CodeTables
+from cbmir.search import Retrieval
 from cbmir.service import ServiceSettings
+from cbmir.settings import load_settings
 from cbmir.synthetic import write_synthetic_archive
 from cbmir.train import STATE_FILE as TRAINING_STATE
 from cbmir.train import make_config, train
@@ -59,14 +60,13 @@ def prepare(work: Path, data: Path | None, tables_folder: Path | None, *, say: C
             say(f"{part}: " + ", ".join(f"{key} {value:.3f}" for key, value in figures.items()
                                         if isinstance(value, float)))
 
-    embedder = Embedder(checkpoint)
     name, records = read_archive(data)
-    with Engine.open(work / "index", embedder=embedder) as engine:
+    with Retrieval.open(work / "index", Embedder(checkpoint)) as retrieval:
         say(f"indexing {len(records)} images into {work / 'index'} (already indexed ones are skipped)")
-        summary = index_records(records, engine, embedder, dataset=name)
+        summary = index_records(records, retrieval, dataset=name)
         say(summary.text())
-    return ServiceSettings(db=work / "index", model=work / "model", tables=tables_folder, token=_token(work),
-                           host=host, port=port)
+    return load_settings(ServiceSettings, db=work / "index", model=work / "model", irma_tables=tables_folder,
+                         token=_token(work), host=host, port=port)
 
 
 def _claim(work: Path, data: Path) -> None:

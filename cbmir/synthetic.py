@@ -60,11 +60,8 @@ _DRAW = {"chest": _chest, "hand": _hand, "skull": _skull}
 
 def phantom(kind: str, rng: np.random.Generator, longest_side: int = 256) -> np.ndarray:
     """One uint8 phantom of the given kind, with a random aspect ratio, blur and noise."""
-    aspect = rng.uniform(0.7, 1.0)
-    height, width = (longest_side, int(longest_side * aspect)) if rng.random() < 0.5 else (
-        int(longest_side * aspect),
-        longest_side,
-    )
+    short_side = int(longest_side * rng.uniform(0.7, 1.0))
+    height, width = (longest_side, short_side) if rng.random() < 0.5 else (short_side, longest_side)
     image = _DRAW[kind](rng, height, width)
     image = cv2.GaussianBlur(image, (0, 0), sigmaX=longest_side / 150)
     image += rng.normal(0, 6, image.shape).astype(np.float32)

@@ -2,7 +2,8 @@
 
 - reader: the archive's records (any layout `cbmir.datasets` reads, or a plain folder of images, unlabelled);
 - mapper: worker processes hash, read and preprocess each file (so reading and preprocessing overlap with the
-  model), then the main process embeds and predicts in batches;
+  model), then the main process embeds and predicts in batches (`cbmir.search.Retrieval.store`, the same
+  road as every other caller);
 - writer: each batch goes into the engine in one transaction.
 
 Idempotent and resumable: a file whose content hash is already indexed is skipped, and each batch is all or
@@ -26,12 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from cbmir.datasets import Record, load_pixels
-from cbmir.embed import Embedder, batches, run_model
+from cbmir.embed import batches
 from cbmir.errors import CbmirError
-from cbmir.imaging.io import ImageReadError, read_image
+from cbmir.imaging.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from cbmir.imaging.preprocess import Preprocessing
-from cbmir.index import Engine, ImageEntry
-from cbmir.labels import Prediction, decode_predictions, probabilities_from_logits
+from cbmir.search import PreparedImage, Retrieval
 
 # DICOM tags safe to keep beside an image: technical, never patient-identifying.
 SAFE_DICOM_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation", "Manufacturer")
@@ -51,56 +51,63 @@ def location(record: Record) -> str:
 
 @dataclass
 class Mapped:
-    """What a worker makes of one record: the model input and the facts to store, or why it failed."""
+    """What a worker makes of one record: the image ready to store, or that its content is already indexed
+    (`skipped`, with its hash), or why it failed."""
 
     record: Record
     content_hash: str | None = None
-    model_input: np.ndarray | None = None
-    width: int = 0
-    height: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
+    prepared: PreparedImage | None = None
     failure: str | None = None
     skipped: bool = False
     read_seconds: float = 0.0
     preprocess_seconds: float = 0.0
 
 
-_present: frozenset[str] = frozenset()
-_pipeline: Preprocessing | None = None
+@dataclass(frozen=True)
+class _WorkerState:
+    present: frozenset[str]
+    pipeline: Preprocessing
+    dataset: str
+    max_pixels: int
 
 
-def _init_worker(present: frozenset[str], pipeline: Preprocessing) -> None:
-    global _present, _pipeline
-    _present, _pipeline = present, pipeline
+_worker: _WorkerState | None = None
+
+
+def _init_worker(state: _WorkerState) -> None:
+    global _worker
+    _worker = state
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def map_record(record: Record) -> Mapped:
     """Hash, read and preprocess one record (in a worker process). Already-indexed content is skipped before
     it is decoded; an unreadable file becomes a failure with its reason."""
+    assert _worker is not None, "map_record runs in a worker started by index_records"
     started = time.perf_counter()
     try:
         if record.index is None:
             data = record.path.read_bytes()
             content_hash = hashlib.sha256(data).hexdigest()
-            if content_hash in _present:
+            if content_hash in _worker.present:
                 return Mapped(record, content_hash, skipped=True, read_seconds=time.perf_counter() - started)
-            radiograph = read_image(data, name=str(record.path))
+            radiograph = read_image(data, name=str(record.path), max_pixels=_worker.max_pixels)
             pixels = radiograph.pixels
             extra = dicom_tags(radiograph.meta.dicom)
         else:
             pixels = load_pixels(record)
             content_hash = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
-            if content_hash in _present:
+            if content_hash in _worker.present:
                 return Mapped(record, content_hash, skipped=True, read_seconds=time.perf_counter() - started)
             extra = {}
     except (ImageReadError, OSError) as error:
         reason = str(error) if isinstance(error, ImageReadError) else f"cannot read {record.path}: {error.strerror}"
         return Mapped(record, failure=reason, read_seconds=time.perf_counter() - started)
     read_done = time.perf_counter()
-    model_input = _pipeline(pixels)
-    return Mapped(record, content_hash, model_input, width=int(pixels.shape[1]), height=int(pixels.shape[0]),
-                  extra={**dict(record.extra), **extra}, read_seconds=read_done - started,
+    prepared = PreparedImage(location(record), content_hash, _worker.pipeline(pixels), width=int(pixels.shape[1]),
+                             height=int(pixels.shape[0]), dataset=_worker.dataset, labels=tuple(record.labels),
+                             extra={**dict(record.extra), **extra})
+    return Mapped(record, content_hash, prepared, read_seconds=read_done - started,
                   preprocess_seconds=time.perf_counter() - read_done)
 
 
@@ -128,20 +135,21 @@ def failure_kind(reason: str) -> str:
     return tail.split(" (")[0].split(";")[0][:60]
 
 
-def index_records(records: Sequence[Record], engine: Engine, embedder: Embedder, *, dataset: str,
-                  workers: int = 2, batch_size: int = 32, progress: bool = True) -> Summary:
-    """Index `records` into `engine` with `embedder`'s model; returns the run's summary."""
+def index_records(records: Sequence[Record], retrieval: Retrieval, *, dataset: str, workers: int = 2,
+                  batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> Summary:
+    """Index `records` into `retrieval`'s index with its model; returns the run's summary. An image file
+    above `max_pixels` is a failure, found in its header before decoding."""
     summary, started = Summary(), time.perf_counter()
-    present = frozenset(engine.content_hashes())
+    state = _WorkerState(frozenset(retrieval.engine.content_hashes()), retrieval.embedder.pipeline, dataset,
+                         max_pixels)
     bar = tqdm(total=len(records), desc="index", unit="img", disable=not progress)
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                             initargs=(present, embedder.pipeline)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(state,)) as pool:
         mapped = pool.map(map_record, records, chunksize=4)
         for batch in batches(mapped, batch_size):
             for item in batch:
                 summary.seconds["read"] += item.read_seconds
                 summary.seconds["preprocess"] += item.preprocess_seconds
-            _write_batch(batch, engine, embedder, dataset, summary)
+            _write_batch(batch, retrieval, summary)
             bar.update(len(batch))
             bar.set_postfix(indexed=summary.indexed, skipped=summary.skipped, failed=sum(summary.failed.values()))
     bar.close()
@@ -149,65 +157,29 @@ def index_records(records: Sequence[Record], engine: Engine, embedder: Embedder,
     return summary
 
 
-def _write_batch(batch: list[Mapped], engine: Engine, embedder: Embedder, dataset: str, summary: Summary) -> None:
+def _write_batch(batch: list[Mapped], retrieval: Retrieval, summary: Summary) -> None:
     failures = [(location(item.record), item.failure) for item in batch if item.failure]
     for _, reason in failures:
         summary.failed[failure_kind(reason)] += 1
-    fresh = [item for item in batch if not item.failure and not item.skipped]
+    fresh = [item.prepared for item in batch if item.prepared is not None]
     summary.skipped += len(batch) - len(fresh) - len(failures)
     # The same content twice (in this batch, or indexed by an earlier batch of this run) is indexed once.
-    already = engine.hashes_present([item.content_hash for item in fresh])
-    unique: dict[str, Mapped] = {}
-    for item in fresh:
-        if item.content_hash in already or item.content_hash in unique:
+    already = retrieval.engine.hashes_present([image.content_hash for image in fresh])
+    unique: dict[str, PreparedImage] = {}
+    for image in fresh:
+        if image.content_hash in already or image.content_hash in unique:
             summary.skipped += 1
         else:
-            unique[item.content_hash] = item
-    started = time.perf_counter()
-    entries = [entry for entry, _ in embed_entries(list(unique.values()), embedder, dataset)]
-    summary.seconds["model"] += time.perf_counter() - started
-    started = time.perf_counter()
-    if entries:
-        engine.add(entries)
+            unique[image.content_hash] = image
+    if unique:
+        stored = retrieval.store(list(unique.values()))
+        summary.seconds["model"] += stored.model_seconds
+        summary.seconds["write"] += stored.write_seconds
+        summary.indexed += len(stored.ids)
     if failures:
-        engine.record_failures(failures)
-    summary.seconds["write"] += time.perf_counter() - started
-    summary.indexed += len(entries)
-
-
-def embed_entries(items: list[Mapped], embedder: Embedder, dataset: str) -> list[tuple[ImageEntry, Prediction]]:
-    """Run the model over mapped images in one batch: the entry to store and the prediction of each."""
-    if not items:
-        return []
-    vectors, logits = run_model(embedder.checkpoint.model, (item.model_input for item in items),
-                                batch_size=len(items), device=embedder.device)
-    predictions = decode_predictions(embedder.schema, probabilities_from_logits(embedder.schema, logits),
-                                     irma_threshold=embedder.checkpoint.irma_threshold)
-    return [(_entry(item, vector, prediction, dataset), prediction)
-            for item, vector, prediction in zip(items, vectors, predictions)]
-
-
-def _entry(item: Mapped, vector: np.ndarray, prediction: Prediction, dataset: str) -> ImageEntry:
-    record = item.record
-    labels = tuple(record.labels)
-    if prediction.axes:
-        confidences = {axis: axis_prediction.confidence for axis, axis_prediction in prediction.axes.items()}
-    else:
-        confidences = {name: probability for head in prediction.top.values() for name, probability in head}
-    return ImageEntry(
-        location=location(record),
-        content_hash=item.content_hash,
-        width=item.width,
-        height=item.height,
-        dataset=dataset,
-        true_code=labels[0] if len(labels) == 1 else None,
-        predicted=prediction.label,
-        confidences=confidences,
-        confidence=prediction.confidence,
-        labels=labels,
-        extra=item.extra,
-        embedding=vector,
-    )
+        started = time.perf_counter()
+        retrieval.engine.record_failures(failures)
+        summary.seconds["write"] += time.perf_counter() - started
 
 
 class IndexingError(CbmirError):

@@ -103,7 +103,7 @@ def test_parse_errors_name_the_text_and_the_problem(text, expected):
 
 def test_parse_error_is_a_cbmir_error_and_rejects_non_text():
     with pytest.raises(CbmirError, match="must be text, got int 1121"):
-        IrmaCode.parse(1121)
+        IrmaCode.parse(1121)  # type: ignore[arg-type]  # the runtime check under test
 
 
 def test_direct_construction_is_validated():
@@ -347,7 +347,11 @@ def test_score_on_synthetic_table(synthetic_tables):
     # technical 1110 vs true 1100: wrong at position 3 of 4; worst = 17/24 + 1/(1*4) = 23/24
     #   error = 1/3 + 1/4 = 14/24 -> 0.25 * 14/23 = 7/46
     assert axis_error(true, "1110-110-110-110", "T", synthetic_tables) == pytest.approx(7 / 46)
-    pairs = [(true, true), (true, predicted), (IrmaCode.parse(true), "3000-300-300-300")]
+    pairs: list[tuple[IrmaCode | str, str]] = [
+        (true, true),
+        (true, predicted),
+        (IrmaCode.parse(true), "3000-300-300-300"),
+    ]
     assert run_error_score(pairs, synthetic_tables) == pytest.approx(float(expected) + 1.0)
 
 

@@ -37,7 +37,7 @@ def test_schema_errors_name_the_problem():
     with pytest.raises(LabelError, match="exactly one label|a record has the labels"):
         LabelSchema.from_labels("single-label", [("a", "b")])
     with pytest.raises(LabelError, match="task 'regression'"):
-        LabelSchema("regression", {"label": ("a", "b")})
+        LabelSchema("regression", {"label": ("a", "b")})  # type: ignore[arg-type]  # the runtime check under test
     with pytest.raises(LabelError, match="contains"):
         LabelSchema.from_labels("irma-axes", [("1121-127-7**-500",)])
 
@@ -54,12 +54,15 @@ def test_schema_round_trips_through_a_dict():
 
 
 def test_irma_prediction_stops_early_where_the_prefix_mass_is_low():
-    schema = LabelSchema("irma-axes", {
-        "technical": ("1121", "1123"),
-        "directional": ("110", "127"),
-        "anatomical": ("411", "412", "500"),
-        "biological": ("000", "700"),
-    })
+    schema = LabelSchema(
+        "irma-axes",
+        {
+            "technical": ("1121", "1123"),
+            "directional": ("110", "127"),
+            "anatomical": ("411", "412", "500"),
+            "biological": ("000", "700"),
+        },
+    )
     probabilities = {
         "technical": np.array([[0.9, 0.1]]),
         "directional": np.array([[0.3, 0.7]]),

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
+from PIL import BmpImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -159,7 +159,7 @@ class Radiograph:
 
 
 def read_image(
-    source: str | os.PathLike[str] | bytes,
+    source: str | os.PathLike[str] | bytes | bytearray | memoryview,
     *,
     name: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -179,14 +179,19 @@ def read_image(
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a path or bytes, not {type(source).__name__}")
     label = name or str(os.fspath(source))
+    with _open_file(source, label) as stream:
+        return _read_stream(stream, label, max_pixels)
+
+
+def _open_file(path: str | os.PathLike[str], label: str) -> BinaryIO:
+    """Open `path` for reading; a failure to open it becomes an ImageReadError (errors while reading are the
+    reader's to report)."""
     try:
-        stream = open(source, "rb")
+        return open(path, "rb")
     except FileNotFoundError as exc:
         raise ImageReadError(label, "no such file") from exc
     except OSError as exc:
         raise ImageReadError(label, exc.strerror or str(exc)) from exc
-    with stream:
-        return _read_stream(stream, label, max_pixels)
 
 
 def _read_stream(stream: BinaryIO, source: str, max_pixels: int) -> Radiograph:
@@ -243,7 +248,7 @@ def _looks_like_headerless_dicom(head: bytes) -> bool:
 # Plugin classes are instantiated directly instead of through Image.open: their constructors read only the
 # header (so the size is known before decoding), and Image.open's global MAX_IMAGE_PIXELS check, which could
 # refuse an image the caller's max_pixels allows, is bypassed without touching global state.
-_PILLOW_CLASSES = {
+_PILLOW_CLASSES: dict[str, type[ImageFile.ImageFile]] = {
     "png": PngImagePlugin.PngImageFile,
     "jpeg": JpegImagePlugin.JpegImageFile,
     "tiff": TiffImagePlugin.TiffImageFile,
@@ -274,6 +279,7 @@ def _read_raster(stream: BinaryIO, fmt: str, head: bytes, source: str, max_pixel
 
     bit_depth = _stored_bit_depth(image, fmt, head)
     mode = image.mode
+    pixels: np.ndarray | None
     try:
         image.load()  # raises on truncated data (as long as ImageFile.LOAD_TRUNCATED_IMAGES is False)
         if mode in _COLOUR_MODES and bit_depth > 8:
@@ -299,7 +305,7 @@ def _stored_bit_depth(image: Image.Image, fmt: str, head: bytes) -> int:
         return head[24]  # IHDR bit depth
     if fmt == "jpeg":
         return int(getattr(image, "bits", 8))
-    if fmt == "tiff":
+    if isinstance(image, TiffImagePlugin.TiffImageFile):
         bits = image.tag_v2.get(TiffImagePlugin.BITSPERSAMPLE, 1)
         return int(bits[0] if isinstance(bits, tuple) else bits)
     return 1 if image.mode == "1" else 8
@@ -337,7 +343,7 @@ def _decode_deep_colour(data: bytes) -> np.ndarray:
 def _luminance(rgb: np.ndarray, dtype: type[np.integer] | type[np.floating]) -> np.ndarray:
     grey = rgb[..., 0] * np.float32(_LUMA[0]) + rgb[..., 1] * np.float32(_LUMA[1])
     grey += rgb[..., 2] * np.float32(_LUMA[2])
-    if np.issubdtype(dtype, np.integer):
+    if issubclass(dtype, np.integer):
         grey = np.clip(np.rint(grey), 0, np.iinfo(dtype).max)
     return grey.astype(dtype)
 
@@ -447,8 +453,10 @@ def _transfer_syntax(ds: Dataset) -> UID:
     implicit, little_endian = ds.original_encoding
     if implicit:
         tsuid = ImplicitVRLittleEndian
+    elif little_endian:
+        tsuid = ExplicitVRLittleEndian
     else:
-        tsuid = ExplicitVRLittleEndian if little_endian else ExplicitVRBigEndian
+        tsuid = ExplicitVRBigEndian
     ds.file_meta.TransferSyntaxUID = tsuid
     return tsuid
 

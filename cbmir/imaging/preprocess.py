@@ -21,22 +21,26 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
 
 from cbmir.errors import CbmirError
 
-PADDINGS = ("none", "constant", "wrap")
-INTERPOLATIONS = {
+Padding = Literal["none", "constant", "wrap"]
+BorderMode = Literal["constant", "wrap"]  # the paddings that add pixels
+Interpolation = Literal["nearest", "linear", "area", "cubic", "lanczos"]
+
+PADDINGS: tuple[Padding, ...] = get_args(Padding)
+INTERPOLATIONS: dict[Interpolation, int] = {
     "nearest": cv2.INTER_NEAREST,
     "linear": cv2.INTER_LINEAR,
     "area": cv2.INTER_AREA,
     "cubic": cv2.INTER_CUBIC,
     "lanczos": cv2.INTER_LANCZOS4,
 }
-_BORDERS = {"constant": cv2.BORDER_CONSTANT, "wrap": cv2.BORDER_WRAP}
+_BORDERS: dict[BorderMode, int] = {"constant": cv2.BORDER_CONSTANT, "wrap": cv2.BORDER_WRAP}
 # The largest input edge accepted: OpenCV's resize and CLAHE work on int32 sizes, and a radiograph is never this big.
 _MAX_EDGE = 1 << 15
 _SCHEMA_VERSION = 1
@@ -85,7 +89,7 @@ def _stretch(image: np.ndarray, dtype: type) -> np.ndarray:
     return np.rint((values - low) * (np.iinfo(dtype).max / (high - low))).astype(dtype)
 
 
-def pad_to_square(image: np.ndarray, mode: str) -> np.ndarray:
+def pad_to_square(image: np.ndarray, mode: BorderMode) -> np.ndarray:
     """Pad the shorter side equally on both sides (the odd pixel at the end): `constant` with zeros,
     `wrap` with the image's own repetition (OpenCV BORDER_WRAP, which repeats further when the pad exceeds
     the image)."""
@@ -99,7 +103,7 @@ def pad_to_square(image: np.ndarray, mode: str) -> np.ndarray:
     return cv2.copyMakeBorder(image, top, bottom, left, right, _BORDERS[mode], value=0)
 
 
-def resize(image: np.ndarray, size: int, interpolation: str = "nearest") -> np.ndarray:
+def resize(image: np.ndarray, size: int, interpolation: Interpolation = "nearest") -> np.ndarray:
     """Resize to size x size (nearest-neighbour, as in the paper, unless told otherwise)."""
     _check_grey(image)
     if interpolation not in INTERPOLATIONS:
@@ -126,9 +130,7 @@ def layer(original: np.ndarray, contrast: np.ndarray, denoised: np.ndarray) -> n
     for image in (original, contrast, denoised):
         _check_grey(image)
     if not original.shape == contrast.shape == denoised.shape:
-        raise PreprocessingError(
-            f"layers differ in shape: {original.shape}, {contrast.shape}, {denoised.shape}"
-        )
+        raise PreprocessingError(f"layers differ in shape: {original.shape}, {contrast.shape}, {denoised.shape}")
     return np.dstack([original, contrast, denoised])
 
 
@@ -137,9 +139,9 @@ class Preprocessing:
     """How a grey radiograph becomes a model input. Frozen and JSON-serialisable, so a checkpoint and an index
     record exactly how their inputs were made; calling it returns a uint8 size x size x 3 array."""
 
-    padding: str = "constant"
+    padding: Padding = "constant"
     size: int = 512
-    interpolation: str = "nearest"
+    interpolation: Interpolation = "nearest"
     enhanced: bool = True
     clahe_clip_limit: float = 2.55
     clahe_tile_grid: int = 8
@@ -151,9 +153,7 @@ class Preprocessing:
         if self.padding not in PADDINGS:
             raise PreprocessingError(f"padding {self.padding!r} is not one of {list(PADDINGS)}")
         if self.interpolation not in INTERPOLATIONS:
-            raise PreprocessingError(
-                f"interpolation {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}"
-            )
+            raise PreprocessingError(f"interpolation {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
         if not isinstance(self.enhanced, bool):
             raise PreprocessingError(f"enhanced must be true or false, got {self.enhanced!r}")
         _require_int("size", self.size, 8, 4096)
@@ -213,7 +213,7 @@ def _require_int(name: str, value: Any, low: int, high: int) -> None:
         raise PreprocessingError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
-_PAPER_PADDING = {"resize": "none", "repetitive": "wrap", "constant": "constant"}
+_PAPER_PADDING: dict[str, Padding] = {"resize": "none", "repetitive": "wrap", "constant": "constant"}
 PRESETS: dict[str, Preprocessing] = {
     f"{square}-{variant}": Preprocessing(padding=padding, enhanced=variant == "enhanced")
     for square, padding in _PAPER_PADDING.items()

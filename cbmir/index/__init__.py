@@ -1,34 +1,41 @@
 """The retrieval core: a SQLite store of images and embeddings (the source of truth) and a FAISS index
-derived from it, behind `Engine`. See `cbmir.index.engine`, `cbmir.index.store` and `cbmir.index.vectors`."""
+derived from it, behind `Engine`. It knows vectors and a `ModelStamp`, never a model. See
+`cbmir.index.engine`, `cbmir.index.store`, `cbmir.index.vectors`, `cbmir.index.filters` and
+`cbmir.stamp`."""
 
-from cbmir.index.engine import MAX_K, Engine, Hit, describe_stamp
-from cbmir.index.store import (
-    FIELDS,
+from cbmir.index.engine import MAX_K, STORE_FILE, Engine, Hit
+from cbmir.index.errors import (
     DuplicateImageError,
     EntryError,
-    Filters,
-    ImageEntry,
     IndexConfigError,
     IndexMismatchError,
     QueryError,
     SearchIndexError,
+    UnknownImageError,
 )
+from cbmir.index.filters import CODE_SOURCES, CodeSource, Filters
+from cbmir.stamp import ModelStamp, describe_identity
+from cbmir.index.store import ImageEntry, ImageRow
 from cbmir.index.vectors import IndexPolicy, automatic_type
 
 __all__ = [
-    "FIELDS",
+    "CODE_SOURCES",
     "MAX_K",
+    "STORE_FILE",
+    "CodeSource",
     "DuplicateImageError",
     "Engine",
     "EntryError",
-    "Filters",
     "Hit",
     "ImageEntry",
+    "ImageRow",
     "IndexConfigError",
     "IndexMismatchError",
     "IndexPolicy",
+    "ModelStamp",
     "QueryError",
     "SearchIndexError",
+    "UnknownImageError",
     "automatic_type",
-    "describe_stamp",
+    "describe_identity",
 ]

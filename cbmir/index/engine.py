@@ -1,16 +1,16 @@
 """The retrieval engine: one index folder (``store.sqlite``, ``vectors.faiss``, ``vectors.json``) behind
 add / search / remove, safe to share between threads.
 
-An index holds the vectors of one model: the model stamp and the embedding dimension are recorded with the
-first images (or at open), and any other model or dimension is refused with an `IndexMismatchError`.
-One process at a time may open a folder (an advisory lock on ``folder/.lock``, released by the kernel
-even when the process is killed).
+The engine knows vectors, not models: an index holds the vectors of one model, named by its `ModelStamp`
+(identity and dimension), recorded with the first images (or at open); any other model or dimension is
+refused with an `IndexMismatchError`. Turning images into vectors is `cbmir.embed`'s job, and "image in,
+hits out" is `cbmir.search`'s. One process at a time may open a folder (an advisory lock on
+``folder/.lock``, released by the kernel even when the process is killed).
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import threading
 from collections import OrderedDict
@@ -21,56 +21,26 @@ from typing import Any
 
 import numpy as np
 
-from cbmir.index.store import (
-    EntryError,
-    Filters,
-    ImageEntry,
-    IndexConfigError,
-    IndexMismatchError,
-    QueryError,
-    Store,
-    stamp_digest,
-)
+from cbmir.index.errors import EntryError, IndexConfigError, IndexMismatchError, QueryError
+from cbmir.index.filters import Filters
+from cbmir.stamp import ModelStamp, describe_identity, stamp_digest
+from cbmir.index.store import ImageEntry, ImageRow, Store
 from cbmir.index.vectors import INDEX_FILE, MANIFEST_FILE, IndexPolicy, Vectors
 
 STORE_FILE, LOCK_FILE = "store.sqlite", ".lock"
 MAX_K = 10_000
 FILTER_CACHE_SIZE = 32
-_HIT_FIELDS = ("location", "dataset", "true_code", "predicted", "confidence", "labels", "width", "height")
 
 
 @dataclass(frozen=True)
-class Hit:
-    """One search result: the image's id, its similarity (inner product of unit vectors, at most 1) and
-    what a result list shows of it."""
+class Hit(ImageRow):
+    """One search result: the image's row and its similarity (inner product of unit vectors, at most 1)."""
 
-    id: int
     score: float
-    location: str
-    dataset: str
-    true_code: str | None
-    predicted: str | None
-    confidence: float | None
-    labels: tuple[str, ...]
-    width: int
-    height: int
 
 
-def describe_stamp(stamp: Any) -> str:
-    """A short name for a model stamp: architecture, creation time and digest."""
-    if stamp is None:
-        return "(unknown model)"
-    parts = []
-    if isinstance(stamp, dict):
-        architecture = stamp.get("architecture")
-        parts.append(architecture.get("name") if isinstance(architecture, dict) else architecture)
-        parts.append(stamp.get("created"))
-    described = " ".join(str(part) for part in parts if part)
-    return f"{described} ({stamp_digest(stamp)[:12]})" if described else stamp_digest(stamp)[:12]
-
-
-def describe_model(stamp: Any, dimension: int | None) -> str:
-    return describe_stamp(stamp) + (f" / {dimension}-d" if dimension else "")
+def _describe(identity: Any, dimension: int | None) -> str:
+    return describe_identity(identity) + (f" / {dimension}-d" if dimension else "")
 
 
 def _lock(folder: Path) -> int:
@@ -88,7 +58,7 @@ def _lock(folder: Path) -> int:
     return handle
 
 
-def _check_k(k: Any) -> int:
+def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
         raise QueryError(f"k={k!r}: the number of results must be an integer from 1 to {MAX_K}")
     return int(k)
@@ -105,8 +75,8 @@ def _ids(ids: Iterable[Any]) -> list[int]:
 class Engine:
     """Add, search and remove radiographs of one index folder. Open it with `Engine.open`."""
 
-    def __init__(self, folder: Path, store: Store, vectors: Vectors, lock: int, embedder: Any):
-        self.folder, self.embedder = folder, embedder
+    def __init__(self, folder: Path, store: Store, vectors: Vectors, lock: int):
+        self.folder = folder
         self._store, self._vectors, self._lock_handle = store, vectors, lock
         self._lock = threading.RLock()
         # ids passing recent filters: a radiologist keeps a filter for many queries, and the store query is
@@ -118,61 +88,45 @@ class Engine:
         cls,
         folder: str | os.PathLike[str],
         *,
-        stamp: Any = None,
-        dimension: int | None = None,
+        model: ModelStamp | None = None,
         index_type: str | None = None,
-        embedder: Any = None,
         policy: IndexPolicy | None = None,
     ) -> Engine:
         """Create or open the index in `folder`.
 
-        `stamp` / `dimension` (or an `embedder`, which gives both) name the model whose vectors the index
-        holds; they are recorded if the index has none yet and must equal the recorded ones otherwise.
-        Without them the recorded model is used, and adding needs one to be recorded. `index_type` is a FAISS
-        factory string (``Flat``, ``HNSW32``, ``IVF4096,Flat``) or ``auto`` (by size, see `IndexPolicy`); it
-        is recorded, and None keeps the recorded choice (``auto`` for a new index).
+        `model` names the model whose vectors the index holds; it is recorded if the index has none yet and
+        must equal the recorded one otherwise. Without it the recorded model is used, and adding needs one
+        to be recorded. `index_type` is a FAISS factory string (``Flat``, ``HNSW32``, ``IVF4096,Flat``) or
+        ``auto`` (by size, see `IndexPolicy`); it is recorded, and None keeps the recorded choice (``auto``
+        for a new index).
         """
         folder = Path(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise IndexConfigError(f"cannot create the index folder {folder}: {error.strerror}") from None
-        if embedder is not None:
-            own_stamp, own_dimension = embedder.checkpoint.stamp, embedder.dimension
-            if (stamp is not None and stamp_digest(stamp) != stamp_digest(own_stamp)) or (
-                dimension is not None and dimension != own_dimension
-            ):
-                raise IndexConfigError(
-                    f"the model given ({describe_model(stamp, dimension)}) differs from the embedder's own "
-                    f"({describe_model(own_stamp, own_dimension)}): give the embedder alone"
-                )
-            stamp, dimension = own_stamp, own_dimension
-        if dimension is not None and (isinstance(dimension, bool) or not isinstance(dimension, int) or dimension < 1):
-            raise IndexConfigError(f"dimension={dimension!r}: expected a positive integer")
+        if model is not None and not isinstance(model, ModelStamp):
+            raise IndexConfigError(f"model must be a ModelStamp, got {type(model).__name__}")
         if index_type is not None and (not isinstance(index_type, str) or not index_type.strip()):
             raise IndexConfigError(f"index_type={index_type!r}: expected a FAISS factory string or 'auto'")
-        if stamp is not None:
-            try:
-                json.dumps(stamp, allow_nan=False)
-            except (TypeError, ValueError) as error:
-                raise IndexConfigError(f"the model stamp must be JSON data ({error})") from None
         lock = _lock(folder)
         store = None
         try:
             store = Store(folder / STORE_FILE)
-            recorded_stamp, recorded_dimension = store.meta("stamp"), store.meta("dimension")
-            if (
-                recorded_stamp is not None and stamp is not None and stamp_digest(recorded_stamp) != stamp_digest(stamp)
-            ) or (recorded_dimension is not None and dimension is not None and recorded_dimension != dimension):
+            recorded_identity, recorded_dimension = store.meta("stamp"), store.meta("dimension")
+            if model is not None and (
+                (recorded_identity is not None and stamp_digest(recorded_identity) != model.digest)
+                or (recorded_dimension is not None and recorded_dimension != model.dimension)
+            ):
                 raise IndexMismatchError(
-                    f"this index ({folder}) was built with model {describe_model(recorded_stamp, recorded_dimension)}; "
-                    f"you are using {describe_model(stamp, dimension)}. An index holds the vectors of one model: "
-                    f"use another folder, or re-index"
+                    f"this index ({folder}) was built with model "
+                    f"{_describe(recorded_identity, recorded_dimension)}; you are using {model.describe()}. "
+                    f"An index holds the vectors of one model: use another folder, or re-index"
                 )
-            if recorded_stamp is None and stamp is not None:
-                store.set_meta("stamp", stamp)
-            if recorded_dimension is None and dimension is not None:
-                store.set_meta("dimension", dimension)
+            if model is not None and recorded_identity is None:
+                store.set_meta("stamp", model.identity)
+            if model is not None and recorded_dimension is None:
+                store.set_meta("dimension", model.dimension)
             requested = index_type.strip() if index_type is not None else store.meta("index_type") or "auto"
             vectors = Vectors(folder, store, requested, policy or IndexPolicy())
             store.set_meta("index_type", requested)
@@ -181,7 +135,7 @@ class Engine:
                 store.close()
             os.close(lock)
             raise
-        return cls(folder, store, vectors, lock, embedder)
+        return cls(folder, store, vectors, lock)
 
     # -- life cycle -----------------------------------------------------------------------------------------
 
@@ -209,12 +163,17 @@ class Engine:
         self.close()
 
     @property
-    def stamp(self) -> Any:
-        return self._store.meta("stamp")
+    def model(self) -> ModelStamp | None:
+        """The model whose vectors this index holds, once recorded."""
+        identity, dimension = self._store.meta("stamp"), self._store.meta("dimension")
+        return None if identity is None or dimension is None else ModelStamp(identity, dimension)
 
     @property
     def dimension(self) -> int | None:
         return self._store.meta("dimension")
+
+    def _described_model(self) -> str:
+        return _describe(self._store.meta("stamp"), self.dimension)
 
     # -- adding and removing --------------------------------------------------------------------------------
 
@@ -227,10 +186,8 @@ class Engine:
         if not entries:
             return np.zeros(0, np.int64)
         with self._lock:
-            if self.stamp is None:
-                raise IndexConfigError(
-                    "this index has no model recorded: open it with stamp= or embedder= before adding images"
-                )
+            if self._store.meta("stamp") is None:
+                raise IndexConfigError("this index has no model recorded: open it with model= before adding images")
             vectors = self._embeddings(entries)
             self._vectors.prepare(vectors.shape[1])
             ids = self._store.add(entries, vectors)
@@ -254,7 +211,7 @@ class Engine:
             if vector.size != dimension:
                 raise IndexMismatchError(
                     f"{where}: the embedding has {vector.size} values; this index holds {dimension}-d vectors "
-                    f"of model {describe_stamp(self.stamp)}"
+                    f"of model {describe_identity(self._store.meta('stamp'))}"
                 )
             if not np.isfinite(vector).all():
                 raise EntryError(f"{where}: the embedding contains NaN or infinite values")
@@ -312,14 +269,18 @@ class Engine:
 
     # -- reading --------------------------------------------------------------------------------------------
 
-    def get(self, ids: Iterable[int], fields: Sequence[str]) -> list[dict[str, Any]]:
-        """The stored `fields` (see `cbmir.index.store.FIELDS`) of each image, in the order of `ids`."""
-        return self._store.get(_ids(ids), fields)
+    def get(self, ids: Iterable[int]) -> list[ImageRow]:
+        """The stored rows of `ids`, in their order. An unknown id is an `UnknownImageError`."""
+        return self._store.get(_ids(ids))
+
+    def embeddings(self, ids: Iterable[int]) -> np.ndarray:
+        """The stored unit-norm embeddings of `ids` (n x d float32), in their order."""
+        return self._store.embeddings(_ids(ids))
 
     def search(self, vector: np.ndarray, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """The k images most similar to `vector` among those passing `filters`, best first; fewer when fewer
         pass. Exact (equal to brute force) on a Flat index and whenever the filters are selective."""
-        k = _check_k(k)
+        k = check_k(k)
         if filters is not None and not isinstance(filters, Filters):
             raise QueryError(f"filters must be a Filters, got {type(filters).__name__}")
         with self._lock:
@@ -344,7 +305,7 @@ class Engine:
             raise QueryError("the query vector is not an array of numbers") from None
         if self.dimension is not None and query.size != self.dimension:
             raise IndexMismatchError(
-                f"this index was built with model {describe_model(self.stamp, self.dimension)}; "
+                f"this index was built with model {self._described_model()}; "
                 f"the query vector has {query.size} values"
             )
         norm = np.linalg.norm(query)
@@ -353,16 +314,8 @@ class Engine:
         return (query / norm).astype(np.float32)
 
     def _hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        rows = self._store.get(ids.tolist(), _HIT_FIELDS)
-        return [Hit(int(i), float(score), **row) for i, score, row in zip(ids, scores, rows)]
-
-    def search_image(self, pixels: np.ndarray, k: int = 10, filters: Filters | None = None) -> tuple[Any, list[Hit]]:
-        """Embed a grey radiograph (2-D array) with the engine's embedder; return its `Prediction` and hits."""
-        if self.embedder is None:
-            raise QueryError("searching by image needs a model: open the index with embedder=")
-        _check_k(k)
-        embeddings, predictions = self.embedder.embed_and_predict([pixels])
-        return predictions[0], self.search(embeddings.vectors[0], k, filters)
+        rows = self._store.get(ids.tolist())
+        return [Hit(**vars(row), score=float(score)) for row, score in zip(rows, scores)]
 
     def search_by_id(
         self, image_id: int, k: int = 10, filters: Filters | None = None, *, include_self: bool = True
@@ -370,17 +323,17 @@ class Engine:
         """Images similar to a stored one. It comes first itself when it passes the filters, unless
         `include_self` is False."""
         [image_id] = _ids([image_id])
-        k = _check_k(k)
+        k = check_k(k)
         with self._lock:
-            [row] = self._store.get([image_id], ["embedding"])
-            hits = self.search(row["embedding"], min(k + 1, MAX_K), filters)
+            [vector] = self._store.embeddings([image_id])
+            hits = self.search(vector, min(k + 1, MAX_K), filters)
             others = [hit for hit in hits if hit.id != image_id]
             if not include_self:
                 return others[:k]
             own = next((hit for hit in hits if hit.id == image_id), None)
             if own is None and (filters is None or image_id in self._passing(filters)):
                 # pushed out of the top k + 1 by identical duplicates: it is still the best match
-                own = self._hits(np.array([image_id]), np.array([row["embedding"] @ row["embedding"]]))[0]
+                own = self._hits(np.array([image_id]), np.array([vector @ vector]))[0]
             return ([own] if own else []) + others[: k - 1 if own else k]
 
     def stats(self) -> dict[str, Any]:
@@ -395,8 +348,8 @@ class Engine:
                 "count": self._store.count(),
                 "dimension": self.dimension,
                 "index_type": self._vectors.type,
-                "model": describe_stamp(self.stamp),
-                "stamp_digest": stamp_digest(self.stamp),
+                "model": describe_identity(self._store.meta("stamp")),
+                "stamp_digest": stamp_digest(self._store.meta("stamp")),
                 "datasets": self._store.dataset_counts(),
                 "failures": len(self._store.failures()),
                 "unsaved_vectors": self._vectors.unsaved,

@@ -13,68 +13,29 @@ predicted one) has its own indexed column, so an axis-prefix filter is an index 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cbmir.errors import CbmirError
-from cbmir.irma import AXES, AXIS_LENGTHS, IrmaCode, IrmaCodeError, matches
+from cbmir.index.errors import DuplicateImageError, EntryError, IndexConfigError, IndexMismatchError, QueryError, UnknownImageError
+from cbmir.index.filters import AXIS_FILTERS, Filters
+from cbmir.irma import AXES, AXIS_LENGTHS, IrmaCode, IrmaCodeError
 
 SCHEMA_VERSION = 1
 _SOURCES = {"best": "best", "true": "true", "predicted": "pred"}  # Filters.on -> column prefix
 _AXIS_SUFFIX = {"technical": "t", "directional": "d", "anatomical": "a", "biological": "b"}
-_FILTER_AXES = {
-    "technical": "technical",
-    "directional": "directional",
-    "anatomy": "anatomical",
-    "biology": "biological",
-}
 _IRMA_SHAPE = re.compile("-".join(f"[^-]{{{AXIS_LENGTHS[axis]}}}" for axis in AXES))
 _HASH = re.compile(r"[0-9a-f]{64}")
-_ZERO_CODE = IrmaCode("0000", "000", "000", "000")
 _ID_CHUNK = 10_000
-
-# The fields `Store.get` returns; those in _JSON_FIELDS are stored as JSON text.
-_JSON_FIELDS = {"confidences", "extra"}
-FIELDS = (
-    "id", "location", "content_hash", "width", "height", "dataset", "true_code", "predicted",
-    "confidences", "confidence", "labels", "extra", "embedding", "added_at",
-)  # fmt: skip
-
-
-class SearchIndexError(CbmirError):
-    """A problem with an index folder or with a request made to it."""
-
-
-class IndexMismatchError(SearchIndexError):
-    """Vectors of another model or dimension than the index holds."""
-
-
-class IndexConfigError(SearchIndexError):
-    """An index folder that cannot be opened as asked: bad index type, locked, unreadable or too new."""
-
-
-class EntryError(SearchIndexError):
-    """An image entry that cannot be stored; the message names the entry."""
-
-
-class DuplicateImageError(EntryError):
-    """An entry whose content hash is already stored, or given twice in one batch."""
-
-
-class QueryError(SearchIndexError):
-    """A bad request: unknown id or field, invalid filter, k or query vector."""
-
 
 @dataclass(frozen=True, kw_only=True)
 class ImageEntry:
@@ -97,78 +58,59 @@ class ImageEntry:
 
 
 @dataclass(frozen=True)
-class Filters:
-    """Restrictions of a search, all combined with AND; None means "any".
+class ImageRow:
+    """What the store holds of one image, besides its embedding (see `Store.embeddings`)."""
 
-    `technical`, `directional`, `anatomy` and `biology` are IRMA axis prefixes (anatomy ``9``: any leg
-    region); `code` is a full IRMA code. They apply to the code chosen by `on`: ``best`` (the true code
-    where known, else the predicted one), ``true`` or ``predicted``. `dataset` must equal the image's
-    dataset; `label` matches the true label or any extra label, ignoring case.
-    """
-
-    technical: str | None = None
-    directional: str | None = None
-    anatomy: str | None = None
-    biology: str | None = None
-    code: str | None = None
-    on: str = "best"
-    dataset: str | None = None
-    label: str | None = None
-
-    def __post_init__(self) -> None:
-        for name, axis in _FILTER_AXES.items():
-            prefix = getattr(self, name)
-            if prefix is None:
-                continue
-            try:
-                matches(_ZERO_CODE, axis, prefix)  # validates the prefix; the code it is tested on is irrelevant
-            except IrmaCodeError as error:
-                raise QueryError(f"filter {name}={prefix!r}: {error}") from None
-            object.__setattr__(self, name, prefix.strip().lower())
-        if self.code is not None:
-            try:
-                object.__setattr__(self, "code", str(IrmaCode.parse(self.code)))
-            except IrmaCodeError as error:
-                raise QueryError(f"filter code={self.code!r}: {error}") from None
-        if self.on not in _SOURCES:
-            raise QueryError(f"filter on={self.on!r}: expected one of {', '.join(_SOURCES)}")
-        for name in ("dataset", "label"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise QueryError(f"filter {name}={value!r}: expected a non-empty text")
+    id: int
+    location: str
+    content_hash: str
+    width: int
+    height: int
+    dataset: str
+    true_code: str | None
+    predicted: str | None
+    confidences: dict[str, float]
+    confidence: float | None
+    labels: tuple[str, ...]
+    extra: dict[str, Any]
+    added_at: str
 
     @property
-    def is_empty(self) -> bool:
-        return all(getattr(self, name) is None for name in (*_FILTER_AXES, "code", "dataset", "label"))
-
-    def sql(self) -> tuple[str, list[str]]:
-        """The WHERE condition and its parameters."""
-        source = _SOURCES[self.on]
-        terms, params = [], []
-        for name, axis in _FILTER_AXES.items():
-            prefix = getattr(self, name)
-            if prefix is not None:
-                terms.append(f"{source}_{_AXIS_SUFFIX[axis]} GLOB ?")
-                params.append(prefix + "*")
-        if self.code is not None:
-            code = IrmaCode.parse(self.code)
-            for axis in AXES:
-                terms.append(f"{source}_{_AXIS_SUFFIX[axis]} = ?")
-                params.append(code[axis])
-        if self.dataset is not None:
-            terms.append("dataset = ?")
-            params.append(self.dataset)
-        if self.label is not None:
-            terms.append("id IN (SELECT image_id FROM image_labels WHERE label = ?)")
-            params.append(self.label.strip())
-        return " AND ".join(terms) or "1", params
+    def code(self) -> str | None:
+        """The true code where known, else the predicted one (what "best" filters look at)."""
+        return self.true_code or self.predicted
 
 
-def stamp_digest(stamp: Any) -> str | None:
-    """The sha256 of a model stamp's canonical JSON; None for no stamp."""
-    if stamp is None:
-        return None
-    return hashlib.sha256(json.dumps(stamp, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+_ROW_COLUMNS = tuple(f.name for f in fields(ImageRow))
+
+
+def _image_row(values: Sequence[Any]) -> ImageRow:
+    row = dict(zip(_ROW_COLUMNS, values))
+    return ImageRow(**{**row, "confidences": json.loads(row["confidences"]), "extra": json.loads(row["extra"]),
+                       "labels": tuple(json.loads(row["labels"]))})
+
+
+def filter_sql(filters: Filters) -> tuple[str, list[str]]:
+    """The WHERE condition of `filters` on the images table, and its parameters."""
+    source = _SOURCES[filters.on]
+    terms, params = [], []
+    for name, axis in AXIS_FILTERS.items():
+        prefix = getattr(filters, name)
+        if prefix is not None:
+            terms.append(f"{source}_{_AXIS_SUFFIX[axis]} GLOB ?")
+            params.append(prefix + "*")
+    if filters.code is not None:
+        code = IrmaCode.parse(filters.code)
+        for axis in AXES:
+            terms.append(f"{source}_{_AXIS_SUFFIX[axis]} = ?")
+            params.append(code[axis])
+    if filters.dataset is not None:
+        terms.append("dataset = ?")
+        params.append(filters.dataset)
+    if filters.label is not None:
+        terms.append("id IN (SELECT image_id FROM image_labels WHERE label = ?)")
+        params.append(filters.label.strip())
+    return " AND ".join(terms) or "1", params
 
 
 def _axis_columns(prefix: str) -> list[str]:
@@ -351,13 +293,13 @@ class Store:
 
     def remove(self, ids: Sequence[int]) -> None:
         """Delete the images with `ids` for good: their rows, their labels, and (by secure_delete and a WAL
-        checkpoint) their bytes on disk. An unknown id is a `QueryError` and nothing is removed."""
+        checkpoint) their bytes on disk. An unknown id is an `UnknownImageError` and nothing is removed."""
         ids = sorted({int(i) for i in ids})
         with self._lock:
             with self._transaction():
                 missing = set(ids) - set(self._present(ids))
                 if missing:
-                    raise QueryError(f"no image with id {', '.join(map(str, sorted(missing)[:10]))} in this index")
+                    raise UnknownImageError(f"no image with id {', '.join(map(str, sorted(missing)[:10]))} in this index")
                 for chunk in _chunks(ids):
                     self._db.execute(
                         "DELETE FROM image_labels WHERE image_id IN (SELECT value FROM json_each(?))",
@@ -370,7 +312,7 @@ class Store:
 
     def set_true_code(self, image_id: int, code: str) -> None:
         """Record the true code or label of a stored image (an annotator's accepted or corrected proposal);
-        its "best" code becomes this one. An unknown id is a `QueryError`."""
+        its "best" code becomes this one. An unknown id is an `UnknownImageError`."""
         true_code, true_axes = _code_axes(code, f"image {image_id}: true code {code!r}")
         if not true_code:
             raise QueryError(f"image {image_id}: the true code must be a non-empty text")
@@ -378,7 +320,7 @@ class Store:
         with self._lock, self._transaction():
             row = self._db.execute("SELECT true_code, labels FROM images WHERE id = ?", (image_id,)).fetchone()
             if row is None:
-                raise QueryError(f"no image with id {image_id} in this index")
+                raise UnknownImageError(f"no image with id {image_id} in this index")
             old, extra_labels = row[0], {label.strip() for label in json.loads(row[1])}
             self._db.execute(f"UPDATE images SET true_code = ?, {assignments} WHERE id = ?",
                              (true_code, *true_axes, *true_axes, image_id))
@@ -410,32 +352,34 @@ class Store:
             ]
         return found
 
-    def get(self, ids: Sequence[int], fields: Sequence[str]) -> list[dict[str, Any]]:
-        """One dict per id, in the order given, with just `fields` (see `FIELDS`). JSON fields come back
-        decoded, `labels` as a tuple, `embedding` as a float32 vector. Unknown fields or ids are a `QueryError`."""
-        fields = list(fields)
-        unknown = [name for name in fields if name not in FIELDS]
-        if unknown:
-            raise QueryError(f"unknown field {', '.join(map(repr, unknown))}: the fields are {', '.join(FIELDS)}")
-        columns = ["id", *(name for name in fields if name != "id")]
+    def get(self, ids: Sequence[int]) -> list[ImageRow]:
+        """The rows of `ids`, in the order given. An unknown id is an `UnknownImageError`."""
+        return self._by_id(ids, ", ".join(_ROW_COLUMNS), _image_row)
+
+    def embeddings(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored unit-norm embeddings of `ids` (n x d float32), in the order given."""
+        vectors = self._by_id(ids, "id, embedding", lambda row: np.frombuffer(row[1], dtype=np.float32))
+        dimension = self._meta("dimension") or 0
+        return np.array(vectors, dtype=np.float32).reshape(len(vectors), dimension)
+
+    def _by_id(self, ids: Sequence[int], columns: str, make: Callable[[Sequence[Any]], Any]) -> list[Any]:
         wanted = [int(i) for i in ids]
-        found: dict[int, dict[str, Any]] = {}
+        found: dict[int, Any] = {}
         with self._lock:
             for chunk in _chunks(sorted(set(wanted))):
                 cursor = self._db.execute(
-                    f"SELECT {', '.join(columns)} FROM images WHERE id IN (SELECT value FROM json_each(?))",
-                    (_json_ids(chunk),),
+                    f"SELECT {columns} FROM images WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),)
                 )
                 for row in cursor:
-                    found[row[0]] = {name: _decode(name, value) for name, value in zip(columns, row)}
+                    found[row[0]] = make(row)
         missing = [i for i in wanted if i not in found]
         if missing:
-            raise QueryError(f"no image with id {', '.join(map(str, missing[:10]))} in this index")
-        return [{name: found[i][name] for name in fields} for i in wanted]
+            raise UnknownImageError(f"no image with id {', '.join(map(str, missing[:10]))} in this index")
+        return [found[i] for i in wanted]
 
     def query(self, filters: Filters) -> np.ndarray:
         """The ids (sorted int64) of the images that pass `filters`."""
-        condition, params = filters.sql()
+        condition, params = filter_sql(filters)
         with self._lock:
             cursor = self._db.execute(f"SELECT id FROM images WHERE {condition} ORDER BY id", params)
             return np.fromiter((row[0] for row in cursor), dtype=np.int64)
@@ -519,16 +463,6 @@ def _embedding_batch(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndar
     ids = np.array([row[0] for row in rows], dtype=np.int64)
     vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), -1)
     return ids, vectors
-
-
-def _decode(name: str, value: Any) -> Any:
-    if name in _JSON_FIELDS:
-        return json.loads(value)
-    if name == "labels":
-        return tuple(json.loads(value))
-    if name == "embedding":
-        return np.frombuffer(value, dtype=np.float32).copy()
-    return value
 
 
 def _code_axes(value: Any, where: str) -> tuple[str | None, list[str | None]]:

@@ -33,7 +33,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from cbmir.index.store import Filters, IndexConfigError, Store, stamp_digest
+from cbmir.index.errors import IndexConfigError
+from cbmir.stamp import stamp_digest
+from cbmir.index.filters import Filters
+from cbmir.index.store import Store
 
 INDEX_FILE, MANIFEST_FILE = "vectors.faiss", "vectors.json"
 MANIFEST_FORMAT = 1

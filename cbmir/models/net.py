@@ -37,6 +37,9 @@ class InputScaling(nn.Module):
     """(x - offset) / divisor, per channel or for all three: maps 0..255 pixels to the range the trunk's
     source trained on. The constants are buffers outside the state dict, so weight files hold weights only."""
 
+    offset: torch.Tensor
+    divisor: torch.Tensor
+
     def __init__(self, offset: float | Sequence[float], divisor: float | Sequence[float]):
         super().__init__()
         self.register_buffer("offset", torch.tensor(offset, dtype=torch.float32).reshape(-1, 1, 1), persistent=False)
@@ -66,7 +69,14 @@ class Trunk:
     source_head: tuple[str, ...] = ()
 
 
-class LinearHeads(nn.Module):
+class Heads(nn.Module):
+    """The classifier heads of a RadiographNet: maps the features to a dict of logits, one entry per head,
+    and lists `sizes` (head name -> number of classes)."""
+
+    sizes: dict[str, int]
+
+
+class LinearHeads(Heads):
     """One Linear layer per head on the shared features, giving raw logits (softmax belongs to the loss)."""
 
     def __init__(self, in_features: int, sizes: Mapping[str, int]):
@@ -81,8 +91,7 @@ class LinearHeads(nn.Module):
 class RadiographNet(nn.Module):
     """Trunk, optional neck and heads, with the trunk's own input scaling built in.
 
-    Inputs are float N x 3 x input_size x input_size tensors with values 0..255. `heads` is any module that
-    maps the features to a dict of logits and has `sizes` (head name -> number of classes).
+    Inputs are float N x 3 x input_size x input_size tensors with values 0..255.
 
     Freezing for head-only training and fine-tuning: `set_trainable(k)` makes the neck, the heads and the last
     k trunk blocks trainable (0: trunk frozen; -1: everything). BatchNorm layers whose parameters are frozen
@@ -93,7 +102,7 @@ class RadiographNet(nn.Module):
     def __init__(
         self,
         trunk: Trunk,
-        heads: nn.Module,
+        heads: Heads,
         *,
         input_size: int,
         scaling: InputScaling,

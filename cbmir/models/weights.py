@@ -111,7 +111,7 @@ def packaged_state_dict(distribution: str) -> dict[str, torch.Tensor]:
             f"{len(reference)}: this package version does not fit the installed timm"
         )
     renamed = {}
-    for (theirs, tensor), (ours, like) in zip(shipped.items(), reference.items()):
+    for (theirs, tensor), (ours, like) in zip(shipped.items(), reference.items(), strict=True):
         if tensor.shape != like.shape:
             raise ModelError(
                 f"{path} (package {distribution}): tensor {theirs} {tuple(tensor.shape)} does not fit timm's "

@@ -128,9 +128,9 @@ def test_pipeline_round_trips_through_json():
     [
         (lambda: preset("fancy"), "unknown preset 'fancy'"),
         (lambda: preset("constant-plain", colour=True), "unknown preprocessing field"),
-        (lambda: Preprocessing(padding="reflect"), "padding 'reflect'"),
+        (lambda: Preprocessing(padding="reflect"), "padding 'reflect'"),  # type: ignore[arg-type]
         (lambda: Preprocessing(size=0), "size must be"),
-        (lambda: Preprocessing(interpolation="bilinear"), "interpolation 'bilinear'"),
+        (lambda: Preprocessing(interpolation="bilinear"), "interpolation 'bilinear'"),  # type: ignore[arg-type]
         (lambda: Preprocessing(clahe_clip_limit=-1), "clahe_clip_limit"),
         (lambda: Preprocessing.from_json("{"), "not valid JSON"),
         (lambda: Preprocessing.from_json('{"size": 512}'), "version None"),

@@ -9,11 +9,12 @@ import re
 import faiss
 import numpy as np
 
-from cbmir.index import Filters, Hit, ImageEntry
+from cbmir.index import Filters, Hit, ImageEntry, ModelStamp
 from cbmir.irma import IrmaCode, matches
 
-STAMP = {"architecture": {"name": "test-net"}, "created": "2024-01-01T00:00:00+00:00"}
-OTHER_STAMP = {"architecture": {"name": "other-net"}, "created": "2024-02-02T00:00:00+00:00"}
+TEST_NET = {"architecture": {"name": "test-net"}, "created": "2024-01-01T00:00:00+00:00"}
+STAMP = ModelStamp(TEST_NET, 32)  # the model of every test index: 32-d vectors
+OTHER_STAMP = ModelStamp({"architecture": {"name": "other-net"}, "created": "2024-02-02T00:00:00+00:00"}, 32)
 CODES = (
     "1121-127-700-500", "1121-120-913-700", "1121-115-917-700", "1123-110-411-600",
     "1121-127-920-700", "1121-120-942-700", "1123-127-500-000", "112d-121-a10-33b",

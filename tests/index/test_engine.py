@@ -21,15 +21,19 @@ from cbmir.index import (
     Engine,
     EntryError,
     Filters,
+    ImageRow,
     IndexConfigError,
     IndexMismatchError,
+    ModelStamp,
     QueryError,
+    UnknownImageError,
 )
 from cbmir.index.store import Store
 from tests.index import (
     FILTERS,
     OTHER_STAMP,
     STAMP,
+    TEST_NET,
     assert_exact,
     index_ids,
     make_entries,
@@ -52,7 +56,7 @@ def archive(request, tmp_path_factory):
     """An engine of each index type over the same seeded archive, flushed (so IVF is trained)."""
     folder = tmp_path_factory.mktemp("archive")
     entries = make_entries(unit_vectors(COUNT, DIMENSION, seed=11), seed=11)
-    engine = Engine.open(folder, stamp=STAMP, index_type=request.param)
+    engine = Engine.open(folder, model=STAMP, index_type=request.param)
     ids = np.concatenate([engine.add(entries[start : start + 500]) for start in range(0, COUNT, 500)])
     engine.flush()
     assert engine.stats()["index_type"] == request.param
@@ -64,7 +68,7 @@ def archive(request, tmp_path_factory):
 def fresh(folder, count=800, seed=21, **options):
     """A small engine of its own, for tests that change it."""
     entries = make_entries(unit_vectors(count, DIMENSION, seed=seed), seed=seed)
-    engine = Engine.open(folder, stamp=STAMP, **options)
+    engine = Engine.open(folder, model=STAMP, **options)
     ids = engine.add(entries)
     return engine, dict(zip(ids.tolist(), entries))
 
@@ -175,20 +179,20 @@ def test_removed_images_are_gone_from_results_and_disk(tmp_path, index_type):
     engine, entries = fresh(tmp_path, index_type=index_type)
     engine.flush()
     gone = [5, 6, 300, 799]
-    stored = [row["embedding"].tobytes() for row in engine.get(gone, ["embedding"])]
+    stored = [vector.tobytes() for vector in engine.embeddings(gone)]
     engine.remove(gone)
     on_disk = (tmp_path / "vectors.faiss").read_bytes()  # written by remove itself
     assert not any(vector in on_disk for vector in stored)
-    assert engine.get([7], ["embedding"])[0]["embedding"].tobytes() in on_disk
+    assert engine.embeddings([7])[0].tobytes() in on_disk
     kept = {i: entry for i, entry in entries.items() if i not in gone}
     vectors = vectors_of(kept)
     for i in gone:
         hits = engine.search(entries[i].embedding, 50, Filters(dataset=entries[i].dataset))
         assert i not in [hit.id for hit in hits]
         assert_exact(hits, entries[i].embedding, candidates(kept, vectors, Filters(dataset=entries[i].dataset)), 50)
-    with pytest.raises(QueryError, match="no image with id 5"):
-        engine.get([5], ["location"])
-    with pytest.raises(QueryError, match="no image with id 6"):
+    with pytest.raises(UnknownImageError, match="no image with id 5"):
+        engine.get([5])
+    with pytest.raises(UnknownImageError, match="no image with id 6"):
         engine.remove([6])
     engine.close()
     raw = b"".join(path.read_bytes() for path in tmp_path.glob("store.sqlite*"))
@@ -234,8 +238,8 @@ def test_embeddings_are_normalised_before_storing(tmp_path):
     engine, _ = fresh(tmp_path, count=10)
     [entry] = make_entries(unit_vectors(1, DIMENSION, seed=41), seed=41, prefix="scaled")
     [image_id] = engine.add([dataclasses.replace(entry, embedding=entry.embedding.astype(np.float64) * 7.5)])
-    [row] = engine.get([image_id], ["embedding"])
-    assert np.linalg.norm(row["embedding"]) == pytest.approx(1.0, abs=1e-6)
+    [vector] = engine.embeddings([image_id])
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-6)
     assert engine.search(entry.embedding * 3, 1)[0].score == pytest.approx(1.0, abs=1e-5)
     engine.close()
 
@@ -249,40 +253,43 @@ def test_another_model_or_dimension_is_refused(tmp_path):
     engine.close()
     with pytest.raises(
         IndexMismatchError,
-        match=r"built with model test-net 2024-01-01.* / 32-d; you are using other-net [^/]*\. An index holds",
+        match=r"built with model test-net 2024-01-01.* / 32-d; you are using other-net [^/]* / 32-d\. An index holds",
     ):
-        Engine.open(tmp_path, stamp=OTHER_STAMP)
+        Engine.open(tmp_path, model=OTHER_STAMP)
     with pytest.raises(IndexMismatchError, match=r"/ 32-d; you are using .* / 1280-d"):
-        Engine.open(tmp_path, stamp=STAMP, dimension=1280)
-    with Engine.open(tmp_path, stamp=STAMP, dimension=DIMENSION) as engine:
+        Engine.open(tmp_path, model=ModelStamp(TEST_NET, 1280))
+    with Engine.open(tmp_path, model=STAMP) as engine:
         assert engine.stats()["count"] == 10
 
 
 def test_adding_needs_a_recorded_model(tmp_path):
     [entry] = make_entries(unit_vectors(1, DIMENSION, seed=51), seed=51)
     with Engine.open(tmp_path) as engine:
-        with pytest.raises(IndexConfigError, match="no model recorded: open it with stamp= or embedder="):
+        with pytest.raises(IndexConfigError, match="no model recorded: open it with model= before adding"):
             engine.add([entry])
         assert engine.search(entry.embedding, 5) == []
-    with Engine.open(tmp_path, stamp=STAMP, dimension=DIMENSION) as engine:
+    with Engine.open(tmp_path, model=STAMP) as engine:
         engine.add([entry])
     with Engine.open(tmp_path) as engine:
-        assert engine.stamp == STAMP and engine.dimension == DIMENSION
+        assert engine.model == STAMP and engine.dimension == DIMENSION
 
 
-def test_get_returns_asked_fields_and_names_unknown_ones(archive):
-    engine, entries, _ = archive
-    assert engine.get([3, 1], ["location", "true_code"]) == [
-        {"location": entries[i].location, "true_code": entries[i].true_code} for i in (3, 1)
+def test_get_returns_typed_rows_in_the_order_asked(archive):
+    engine, entries, vectors = archive
+    rows = engine.get([3, 1])
+    assert [(row.id, row.location, row.true_code) for row in rows] == [
+        (i, entries[i].location, entries[i].true_code) for i in (3, 1)
     ]
-    with pytest.raises(QueryError, match="unknown field 'pixels'"):
-        engine.get([1], ["pixels"])
+    assert all(isinstance(row, ImageRow) and isinstance(row.labels, tuple) for row in rows)
+    np.testing.assert_allclose(engine.embeddings([3, 1]), np.stack([vectors[3], vectors[1]]), atol=1e-6)
     with pytest.raises(QueryError, match="image id '1' is not an integer"):
-        engine.get(["1"], ["location"])
+        engine.get(["1"])
+    with pytest.raises(UnknownImageError, match="no image with id 999999"):
+        engine.embeddings([1, 999999])
 
 
 def test_one_process_at_a_time_opens_a_folder(tmp_path):
-    with Engine.open(tmp_path, stamp=STAMP):
+    with Engine.open(tmp_path, model=STAMP):
         with pytest.raises(IndexConfigError, match=rf"is already open \(process {os.getpid()}\)"):
             Engine.open(tmp_path)
     Engine.open(tmp_path).close()
@@ -333,12 +340,12 @@ def assert_consistent(folder: Path, query_seed: int = 71) -> None:
     with Engine.open(folder) as engine:
         ids = engine._store.query(Filters()).tolist()
         assert index_ids(engine) == set(ids)
-        rows = engine.get(ids, ["embedding", "dataset", "true_code", "predicted", "labels"])
-        vectors = {i: row["embedding"] for i, row in zip(ids, rows)}
+        rows = engine.get(ids)
+        vectors = dict(zip(ids, engine.embeddings(ids)))
         for query in queries(3, seed=query_seed):
             if engine.stats()["index_type"] == "Flat":
                 assert_exact(engine.search(query, 10), query, vectors, 10)
-            chest = {i: v for (i, v), row in zip(vectors.items(), rows) if row["dataset"] == "chest"}
+            chest = {i: v for (i, v), row in zip(vectors.items(), rows) if row.dataset == "chest"}
             assert_exact(engine.search(query, 10, Filters(dataset="chest")), query, chest, 10)
         manifest = json.loads((folder / "vectors.json").read_text())
         assert manifest["count"] == len(ids) and manifest["last_id"] >= max(ids, default=0)
@@ -426,7 +433,7 @@ import sys
 from cbmir.index import Engine, IndexPolicy
 from tests.index import STAMP, make_entries, unit_vectors
 
-engine = Engine.open(sys.argv[1], stamp=STAMP, policy=IndexPolicy(write_every=int(sys.argv[2])))
+engine = Engine.open(sys.argv[1], model=STAMP, policy=IndexPolicy(write_every=int(sys.argv[2])))
 for batch in range(10_000):
     entries = make_entries(unit_vectors(50, 32, seed=batch), seed=batch, prefix=f"batch{batch}")
     engine.add(entries)
@@ -448,43 +455,6 @@ def test_a_process_killed_while_adding_leaves_a_consistent_index(tmp_path, write
         process.wait()
     assert process.returncode == -signal.SIGKILL
     assert_consistent(tmp_path)
-
-
-def test_search_by_image_embeds_with_the_model_of_the_index(tmp_path):
-    torch = pytest.importorskip("torch")
-    from cbmir.checkpoint import Checkpoint, new_card
-    from cbmir.embed import Embedder
-    from cbmir.imaging.preprocess import Preprocessing
-    from cbmir.index import ImageEntry
-    from cbmir.labels import LabelSchema
-    from cbmir.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("chest-cnn-chowdhury", {"label": 2}, embedding_dim=16)
-    card = new_card(
-        model, LabelSchema("single-label", {"label": ("normal", "pneumonia")}), Preprocessing(size=64, enhanced=False)
-    )
-    embedder = Embedder(Checkpoint(model, card))
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (90, 70 + i), dtype=np.uint8) for i in range(12)]
-    embeddings, predictions = embedder.embed_and_predict(images)
-    with Engine.open(tmp_path, embedder=embedder) as engine:
-        engine.add(
-            ImageEntry(location=f"/x/{i}.png", content_hash=f"{i:064x}", width=70 + i, height=90, dataset="chest",
-                       predicted=prediction.label, confidence=prediction.confidence, embedding=vector)
-            for i, (vector, prediction) in enumerate(zip(embeddings.vectors, predictions))
-        )  # fmt: skip
-        prediction, hits = engine.search_image(images[4], 3)
-        assert prediction.label in ("normal", "pneumonia") and hits[0].id == 5
-        assert hits[0].score == pytest.approx(1.0, abs=1e-4) and len(hits) == 3
-    with pytest.raises(IndexMismatchError, match="you are using other-net"):
-        Engine.open(tmp_path, stamp=OTHER_STAMP)
-    mixed = r"the model given \(\(unknown model\) / 64-d\) differs from the embedder's own \(.* / 16-d\)"
-    with pytest.raises(IndexConfigError, match=mixed):
-        Engine.open(tmp_path, embedder=embedder, dimension=64)
-    with Engine.open(tmp_path) as engine:
-        with pytest.raises(QueryError, match="searching by image needs a model: open the index with embedder="):
-            engine.search_image(images[0], 3)
 
 
 def test_filtered_searches_see_added_removed_and_recoded_images_at_once(tmp_path):

@@ -6,8 +6,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from cbmir.index import DuplicateImageError, EntryError, Filters, IndexConfigError, QueryError
-from cbmir.index.store import FIELDS, Store
+from cbmir.index import DuplicateImageError, EntryError, Filters, IndexConfigError, QueryError, UnknownImageError
+from cbmir.index.store import Store, filter_sql
 from tests.index import FILTERS, content_hash, make_entries, passes, unit_vectors
 
 DIMENSION = 16
@@ -35,30 +35,34 @@ def test_fields_come_back_as_stored(store):
     [entry] = make_entries(unit_vectors(1, DIMENSION, seed=2), seed=2)
     entry = dataclasses.replace(entry, true_code=" 1121-127-700-500 ", predicted="1121-12*-9**-***", labels=("Mass",))
     [image_id] = add(store, [entry])
-    [row] = store.get([image_id], FIELDS)
-    assert row["id"] == image_id and row["location"] == entry.location and row["dataset"] == entry.dataset
-    assert (row["width"], row["height"]) == (entry.width, entry.height)
-    assert row["true_code"] == "1121-127-700-500" and row["predicted"] == "1121-12*-9**-***"
-    assert row["labels"] == ("Mass",) and row["extra"] == {"source": "img"}
-    assert row["confidences"] == pytest.approx(dict(entry.confidences))
-    assert row["confidence"] == pytest.approx(entry.confidence)
-    assert row["embedding"].dtype == np.float32 and np.array_equal(row["embedding"], entry.embedding)
-    assert row["content_hash"] == entry.content_hash and row["added_at"].endswith("+00:00")
-    assert store.get([image_id], ["dataset"]) == [{"dataset": entry.dataset}]
+    [row] = store.get([image_id])
+    assert row.id == image_id and row.location == entry.location and row.dataset == entry.dataset
+    assert (row.width, row.height) == (entry.width, entry.height)
+    assert row.true_code == "1121-127-700-500" and row.predicted == "1121-12*-9**-***"
+    assert row.code == row.true_code
+    assert row.labels == ("Mass",) and row.extra == {"source": "img"}
+    assert row.confidences == pytest.approx(dict(entry.confidences))
+    assert row.confidence == pytest.approx(entry.confidence)
+    [vector] = store.embeddings([image_id])
+    assert vector.dtype == np.float32 and np.array_equal(vector, entry.embedding)
+    assert row.content_hash == entry.content_hash and row.added_at.endswith("+00:00")
 
 
-def test_get_names_an_unknown_field_or_id(filled):
+def test_get_names_an_unknown_id(filled):
     store, _ = filled
-    with pytest.raises(QueryError, match=r"unknown field 'patient_name'.*the fields are id, location"):
-        store.get([1], ["location", "patient_name"])
-    with pytest.raises(QueryError, match="no image with id 9999"):
-        store.get([1, 9999], ["location"])
+    with pytest.raises(UnknownImageError, match="no image with id 9999"):
+        store.get([1, 9999])
+    with pytest.raises(UnknownImageError, match="no image with id 9998"):
+        store.embeddings([9998, 2])
 
 
 def test_get_keeps_the_order_of_the_ids(filled):
     store, entries = filled
     ids = [17, 3, 250, 3]
-    assert [row["location"] for row in store.get(ids, ["location"])] == [entries[i].location for i in ids]
+    assert [row.location for row in store.get(ids)] == [entries[i].location for i in ids]
+    expected = np.stack([entries[i].embedding for i in ids])
+    np.testing.assert_allclose(store.embeddings(ids), expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("filters", FILTERS, ids=str)
@@ -80,7 +84,7 @@ def test_query_without_filters_lists_every_id(filled):
      ("images_pred_t", Filters(technical="1121", on="predicted")), ("image_labels", Filters(label="Mass"))],
 )  # fmt: skip
 def test_filters_are_answered_from_an_index(store, column, filters):
-    condition, params = filters.sql()
+    condition, params = filter_sql(filters)
     plan = " ".join(
         row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN SELECT id FROM images WHERE {condition}", params)
     )
@@ -169,8 +173,8 @@ def test_remove_deletes_the_bytes_from_the_database_files(store, tmp_path):
     ids = add(store, entries)
     store.remove(ids[:10].tolist())
     assert store.count() == 40 and store.query(Filters()).tolist() == ids[10:].tolist()
-    with pytest.raises(QueryError, match="no image with id 1"):
-        store.get([1], ["location"])
+    with pytest.raises(UnknownImageError, match="no image with id 1"):
+        store.get([1])
     with pytest.raises(QueryError, match="no image with id 3"):
         store.remove([3, 20])
     assert store.count() == 40

@@ -39,7 +39,7 @@ def clustered():
 @pytest.mark.parametrize("count, expected", [(800, "Flat"), (2000, "HNSW32"), (4000, "IVF64,Flat")])
 def test_the_type_follows_the_size_and_approximate_types_keep_recall(tmp_path, clustered, count, expected):
     entries, queries = clustered
-    with Engine.open(tmp_path, stamp=STAMP, policy=SMALL) as engine:
+    with Engine.open(tmp_path, model=STAMP, policy=SMALL) as engine:
         ids = np.concatenate([engine.add(entries[start : start + 400]) for start in range(0, count, 400)])
         assert engine.stats()["index_type"] == "Flat"  # until the next write
         engine.flush()
@@ -60,7 +60,7 @@ def test_the_type_follows_the_size_and_approximate_types_keep_recall(tmp_path, c
 def test_large_filtered_sets_use_the_selector_with_a_wider_search(tmp_path, clustered, index_type):
     entries, queries = clustered
     policy = IndexPolicy(exact_filter_limit=100, nprobe=4)
-    with Engine.open(tmp_path, stamp=STAMP, index_type=index_type, policy=policy) as engine:
+    with Engine.open(tmp_path, model=STAMP, index_type=index_type, policy=policy) as engine:
         ids = engine.add(entries)
         engine.flush()
         by_id = dict(zip(ids.tolist(), entries))
@@ -78,7 +78,7 @@ def test_large_filtered_sets_use_the_selector_with_a_wider_search(tmp_path, clus
 def test_an_ivf_type_waits_for_enough_vectors_to_train(tmp_path):
     vectors = unit_vectors(1200, DIMENSION, seed=4)
     entries = make_entries(vectors, seed=4)
-    with Engine.open(tmp_path, stamp=STAMP, index_type="IVF16,Flat") as engine:
+    with Engine.open(tmp_path, model=STAMP, index_type="IVF16,Flat") as engine:
         engine.add(entries[:500])  # 16 lists need 16 x 39 = 624 training vectors
         engine.flush()
         assert engine.stats()["index_type"] == "Flat"
@@ -97,11 +97,11 @@ def test_an_ivf_type_waits_for_enough_vectors_to_train(tmp_path):
 )  # fmt: skip
 def test_unsupported_index_types_are_refused_before_anything_is_stored(tmp_path, index_type, message):
     [entry] = make_entries(unit_vectors(1, DIMENSION, seed=5), seed=5)
-    with Engine.open(tmp_path, stamp=STAMP, index_type=index_type) as engine:
-        with pytest.raises(IndexConfigError, match=rf"index type {index_type!r}.*{message}.*use Flat, HNSW\{{M\}}"):
-            engine.add([entry])
-        assert engine.stats()["count"] == 0
+    with pytest.raises(IndexConfigError, match=rf"index type {index_type!r}.*{message}.*use Flat, HNSW\{{M\}}"):
+        Engine.open(tmp_path, model=STAMP, index_type=index_type)  # the model gives the dimension: refused at open
     with Engine.open(tmp_path, index_type="Flat") as engine:
+        assert engine.stats()["count"] == 0
+    with Engine.open(tmp_path, model=STAMP, index_type="Flat") as engine:
         engine.add([entry])
     with pytest.raises(IndexConfigError, match=rf"index type {index_type!r}"):
         Engine.open(tmp_path, index_type=index_type)
@@ -111,9 +111,9 @@ def test_unsupported_index_types_are_refused_before_anything_is_stored(tmp_path,
 
 def test_the_index_is_written_every_so_many_vectors_atomically_with_its_manifest(tmp_path):
     entries = make_entries(unit_vectors(700, DIMENSION, seed=6), seed=6)
-    engine = Engine.open(tmp_path, stamp=STAMP, policy=IndexPolicy(write_every=300))
-    engine.add(entries[:200])
-    assert not (tmp_path / "vectors.faiss").exists()
+    engine = Engine.open(tmp_path, model=STAMP, policy=IndexPolicy(write_every=300))
+    engine.add(entries[:200])  # below write_every: the file written at open (empty) is not rewritten
+    assert json.loads((tmp_path / "vectors.json").read_text())["count"] == 0
     engine.add(entries[200:400])
     manifest = json.loads((tmp_path / "vectors.json").read_text())
     assert manifest["count"] == 400 and manifest["last_id"] == 400 and manifest["index_type"] == "Flat"
@@ -148,7 +148,7 @@ def test_a_gpu_replica_serves_unfiltered_searches_only(tmp_path, monkeypatch):
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", replica, raising=False)
     vectors = unit_vectors(400, DIMENSION, seed=8)
     entries = make_entries(vectors, seed=8)
-    with Engine.open(tmp_path, stamp=STAMP) as engine:
+    with Engine.open(tmp_path, model=STAMP) as engine:
         engine.add(entries[:300])
         engine.search(vectors[0], 5, Filters(dataset="irma"))
         assert made == []
@@ -168,14 +168,14 @@ def test_where_a_gpu_cannot_take_the_index_the_cpu_searches(tmp_path, monkeypatc
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", refuse, raising=False)
     vectors = unit_vectors(100, DIMENSION, seed=9)
-    with Engine.open(tmp_path, stamp=STAMP, index_type="HNSW32") as engine:
+    with Engine.open(tmp_path, model=STAMP, index_type="HNSW32") as engine:
         engine.add(make_entries(vectors, seed=9))
         assert engine.search(vectors[10], 3)[0].id == 11
 
 
 def test_a_failed_periodic_write_does_not_fail_the_add(tmp_path, monkeypatch, caplog):
     entries = make_entries(unit_vectors(300, DIMENSION, seed=10), seed=10)
-    engine = Engine.open(tmp_path, stamp=STAMP, policy=IndexPolicy(write_every=100))
+    engine = Engine.open(tmp_path, model=STAMP, policy=IndexPolicy(write_every=100))
     real_write = faiss.write_index
 
     def disk_full(index, path):

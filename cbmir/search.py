@@ -1,0 +1,129 @@
+"""The use cases every caller shares (CLI, service, indexer, benchmarks): "image in, prediction and hits
+out" and "images in, stored".
+
+`Retrieval` binds an index to the model its vectors come from, checked once when it is made, so a search
+or an add can never mix one model's vectors with another's. Reading files, HTTP and progress bars are the
+callers' business; the model runs in `cbmir.embed`, the vectors live in `cbmir.index`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cbmir.embed import Embedder
+from cbmir.index import Engine, Filters, Hit, ImageEntry, IndexMismatchError, IndexPolicy
+from cbmir.index.engine import check_k
+from cbmir.labels import Prediction
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image ready to store: where it is read from, its content hash, the model input (the
+    checkpoint's preprocessing of its pixels) and what the store keeps beside the vector. `labels` are
+    the known labels: one is the true code or class, several are findings."""
+
+    location: str
+    content_hash: str
+    model_input: np.ndarray
+    width: int
+    height: int
+    dataset: str
+    labels: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    prediction: Prediction
+    hits: list[Hit]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What `Retrieval.store` did: the new ids and predictions, in input order, and its time per stage."""
+
+    ids: np.ndarray
+    predictions: list[Prediction]
+    model_seconds: float
+    write_seconds: float
+
+
+class Retrieval:
+    """An index (`Engine`) and the `Embedder` whose vectors it holds."""
+
+    def __init__(self, engine: Engine, embedder: Embedder):
+        if engine.model is not None and engine.model.digest != embedder.stamp.digest:
+            raise IndexMismatchError(
+                f"the index {engine.folder} holds vectors of model {engine.model.describe()}, not of "
+                f"{embedder.stamp.describe()}: search it with the model it was built with"
+            )
+        self.engine, self.embedder = engine, embedder
+
+    @classmethod
+    def open(
+        cls,
+        folder: str | os.PathLike[str],
+        embedder: Embedder,
+        *,
+        index_type: str | None = None,
+        policy: IndexPolicy | None = None,
+    ) -> Retrieval:
+        """Open (or create) the index in `folder` for `embedder`'s model; another model's index is an
+        `IndexMismatchError`."""
+        return cls(Engine.open(folder, model=embedder.stamp, index_type=index_type, policy=policy), embedder)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Retrieval:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def search_image(self, pixels: np.ndarray, k: int = 10, filters: Filters | None = None) -> SearchResult:
+        """The prediction for a grey radiograph (2-D array) and the k most similar indexed images passing
+        `filters`. A bad k is refused before the model runs."""
+        check_k(k)
+        embeddings = self.embedder.embed([pixels])
+        return SearchResult(embeddings.predictions[0], self.engine.search(embeddings.vectors[0], k, filters))
+
+    def store(self, images: Sequence[PreparedImage]) -> Stored:
+        """Embed and predict `images` and add them in one transaction (all or none; a content hash already
+        stored is a `DuplicateImageError`)."""
+        started = time.perf_counter()
+        embeddings = self.embedder.embed_inputs([image.model_input for image in images])
+        entries = [
+            _entry(image, vector, prediction)
+            for image, vector, prediction in zip(images, embeddings.vectors, embeddings.predictions)
+        ]
+        written = time.perf_counter()
+        ids = self.engine.add(entries)
+        return Stored(ids, embeddings.predictions, written - started, time.perf_counter() - written)
+
+
+def _entry(image: PreparedImage, vector: np.ndarray, prediction: Prediction) -> ImageEntry:
+    if prediction.axes:
+        confidences = {axis: axis_prediction.confidence for axis, axis_prediction in prediction.axes.items()}
+    else:
+        confidences = {name: probability for head in prediction.top.values() for name, probability in head}
+    return ImageEntry(
+        location=image.location,
+        content_hash=image.content_hash,
+        width=image.width,
+        height=image.height,
+        dataset=image.dataset,
+        true_code=image.labels[0] if len(image.labels) == 1 else None,
+        predicted=prediction.label,
+        confidences=confidences,
+        confidence=prediction.confidence,
+        labels=image.labels,
+        extra=image.extra,
+        embedding=vector,
+    )

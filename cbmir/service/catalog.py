@@ -1,0 +1,227 @@
+"""The service's domain: the indexed images as radiologists and annotators see them (names, codes in words,
+thumbnails, originals), searching by an upload, adding uploads, removing images and recording true codes.
+
+It raises domain errors (`UnknownImageError`, `InvalidCodeError`, `OriginalUnavailableError`,
+`OriginalsDisabledError`, and the reader's `ImageReadError`s for bad uploads) and knows nothing of HTTP:
+`cbmir.service.errors` maps them to responses.
+
+Uploads are kept under ``uploads/`` in the index folder (named by content hash), so that thumbnails and
+originals work for them as for indexed files. An uploaded file is written before its row is added and
+removed again if the add fails, so a stored row never points at a missing upload. DICOM uploads are kept
+as pixels only (a 16-bit PNG): their headers name the patient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cbmir.datasets import IMAGE_SUFFIXES, Record, load_medmnist_image
+from cbmir.errors import CbmirError
+from cbmir.files import write_atomically
+from cbmir.imaging.io import Radiograph, read_image
+from cbmir.imaging.preprocess import to_uint8, to_uint16
+from cbmir.index import DuplicateImageError, ImageRow
+from cbmir.irma import AXES, AXIS_LENGTHS, CodeTables, IrmaCode, IrmaCodeError, short_text, significant
+from cbmir.labels import Prediction
+from cbmir.search import PreparedImage, Retrieval
+from indexer.pipeline import dicom_tags
+
+UPLOADS, THUMBNAILS = "uploads", "thumbnails"
+THUMBNAIL_SIDE = 320
+UPLOAD_NAME = "upload_name"  # the key in `extra` of the file name an uploaded image was sent with
+
+
+class InvalidCodeError(CbmirError):
+    """A true code that is not a complete IRMA code (IRMA model) or not one of the model's classes."""
+
+
+class OriginalUnavailableError(CbmirError):
+    """The original pixels or file of an indexed image can no longer be read."""
+
+
+class OriginalsDisabledError(CbmirError):
+    """Originals were asked for from a server that serves thumbnails only."""
+
+
+@dataclass(frozen=True)
+class CodeCount:
+    """A code prefix on one IRMA axis, how many indexed images have it, and its words when known."""
+
+    code: str
+    count: int
+    text: str | None
+
+
+def upload_name(filename: str | None) -> str:
+    """The file name a client gave, reduced to its last part (it names the file in messages, never a path)."""
+    name = re.split(r"[\\/]", filename or "")[-1].strip()
+    return name or "upload"
+
+
+class Catalog:
+    """The indexed images of one index and the model that filled it, with the code tables for words."""
+
+    def __init__(self, retrieval: Retrieval, tables: CodeTables | None, *, max_pixels: int,
+                 dicom_tags: tuple[str, ...] = (), allow_originals: bool = False):
+        self.retrieval, self.engine, self.tables = retrieval, retrieval.engine, tables
+        self.max_pixels, self.dicom_tags, self.allow_originals = max_pixels, dicom_tags, allow_originals
+        self.schema = retrieval.embedder.schema
+        for name in (UPLOADS, THUMBNAILS):
+            (self.engine.folder / name).mkdir(exist_ok=True)
+
+    # -- words ------------------------------------------------------------------------------------------
+
+    def words(self, code: str | None) -> str | None:
+        """A code in words from the tables; None without tables, or for a plain label (its own words)."""
+        if code is None or self.tables is None:
+            return None
+        try:
+            return self.tables.describe(code)
+        except IrmaCodeError:
+            return None
+
+    def axis_words(self, axis: str, code: str) -> str | None:
+        if self.tables is None:
+            return None
+        return ", ".join(self.tables.decode(_single_axis_code(axis, code))[axis])
+
+    def code_counts(self) -> dict[str, list[CodeCount]]:
+        """Per IRMA axis, every code prefix in the index (on the best code) with its image count."""
+        axes = {}
+        for axis in AXES:
+            counts: Counter[str] = Counter()
+            for code, count in self.engine.axis_codes(axis).items():
+                value = significant(code)
+                for end in range(1, len(value) + 1):
+                    counts[value[:end]] += count
+            table = self.tables[axis] if self.tables else None
+            axes[axis] = [CodeCount(prefix, count, short_text(table.entries[prefix])
+                                    if table and prefix in table.entries else None)
+                          for prefix, count in sorted(counts.items())]
+        return axes
+
+    # -- images -----------------------------------------------------------------------------------------
+
+    def row(self, image_id: int) -> ImageRow:
+        """The stored row of an image; an unknown id is an `UnknownImageError`."""
+        [row] = self.engine.get([image_id])
+        return row
+
+    @staticmethod
+    def name(row: ImageRow) -> str:
+        """What an image is called in answers: the name it was uploaded with, else its file name (with
+        #split/index for an archive member)."""
+        path, _, position = row.location.partition("#")
+        return str(row.extra.get(UPLOAD_NAME) or Path(path).name + (f"#{position}" if position else ""))
+
+    def source_pixels(self, row: ImageRow) -> np.ndarray:
+        """The pixels of a stored image, read again from where it was indexed from."""
+        path, _, position = row.location.partition("#")
+        try:
+            if position:
+                split, index = position.split("/")
+                return load_medmnist_image(Record(position, Path(path), (), "index", split, int(index)))
+            return read_image(path, max_pixels=self.max_pixels).pixels
+        except (CbmirError, OSError, ValueError) as error:
+            raise OriginalUnavailableError(f"the original of this image cannot be read any more ({error})") from None
+
+    def thumbnail(self, image_id: int) -> Path:
+        """A PNG of at most THUMBNAIL_SIDE pixels a side, made on first request and kept."""
+        row = self.row(image_id)  # a removed image has no thumbnail, even if its file were left behind
+        path = self.engine.folder / THUMBNAILS / f"{image_id}.png"
+        if not path.exists():
+            pixels = to_uint8(self.source_pixels(row))
+            scale = THUMBNAIL_SIDE / max(pixels.shape)
+            if scale < 1:
+                size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+                pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+            _, encoded = cv2.imencode(".png", pixels)
+            write_atomically(path, encoded.tobytes())
+        return path
+
+    def original(self, image_id: int) -> Path:
+        """The original file of an image, when this server serves originals and the file is still there."""
+        if not self.allow_originals:
+            raise OriginalsDisabledError(
+                "this server serves thumbnails only (start it with --allow-originals to serve originals)")
+        location = self.row(image_id).location
+        path = Path(location.partition("#")[0])
+        if "#" in location or not path.is_file():
+            raise OriginalUnavailableError(f"the original file of image {image_id} is not available")
+        return path
+
+    def read_upload(self, name: str, data: bytes) -> Radiograph:
+        """The radiograph in an uploaded file; an `ImageReadError` says why not."""
+        return read_image(data, name=name, max_pixels=self.max_pixels)
+
+    # -- adding and changing ----------------------------------------------------------------------------
+
+    def ingest(self, name: str, data: bytes, dataset: str, true_code: str | None) -> tuple[int, Prediction | None]:
+        """Index one uploaded file; returns its id and prediction, or the stored image's id and None when
+        the same file is already indexed."""
+        content_hash = hashlib.sha256(data).hexdigest()
+        existing = self.engine.id_for_hash(content_hash)
+        if existing is not None:
+            return existing, None
+        radiograph = self.read_upload(name, data)
+        if radiograph.meta.source_format == "dicom":
+            suffix, kept = ".png", cv2.imencode(".png", to_uint16(radiograph.pixels))[1].tobytes()
+        else:
+            suffix, kept = Path(name).suffix.lower(), data
+        stored = self.engine.folder / UPLOADS / (content_hash + (suffix if suffix in IMAGE_SUFFIXES else ""))
+        image = PreparedImage(
+            location=stored.absolute().as_posix(), content_hash=content_hash,
+            model_input=self.retrieval.embedder.prepare(radiograph.pixels), width=int(radiograph.pixels.shape[1]),
+            height=int(radiograph.pixels.shape[0]), dataset=dataset, labels=(true_code,) if true_code else (),
+            extra={**dicom_tags(radiograph.meta.dicom, self.dicom_tags), UPLOAD_NAME: name},
+        )
+        write_atomically(stored, kept)
+        try:
+            result = self.retrieval.store([image])
+        except DuplicateImageError:  # the same file, added by a concurrent request meanwhile
+            return self.engine.id_for_hash(content_hash), None  # type: ignore[return-value]
+        except BaseException:
+            stored.unlink(missing_ok=True)
+            raise
+        return int(result.ids[0]), result.predictions[0]
+
+    def remove(self, image_id: int) -> None:
+        row = self.row(image_id)
+        self.engine.remove([image_id])
+        (self.engine.folder / THUMBNAILS / f"{image_id}.png").unlink(missing_ok=True)
+        uploaded = Path(row.location)
+        if uploaded.parent == self.engine.folder.absolute() / UPLOADS:
+            uploaded.unlink(missing_ok=True)
+
+    def check_code(self, code: str) -> str:
+        """A true code as an annotator gives it: a complete IRMA code for an IRMA model, else one of the
+        model's classes."""
+        code = code.strip()
+        if self.schema.task == "irma-axes":
+            try:
+                parsed = IrmaCode.parse(code)
+            except IrmaCodeError as error:
+                raise InvalidCodeError(f"code {code!r}: {error}") from None
+            if "*" in str(parsed):
+                raise InvalidCodeError(f"code {code!r}: a true code must be complete (no '*')")
+            return str(parsed)
+        classes = [label for labels in self.schema.heads.values() for label in labels]
+        if code not in classes:
+            raise InvalidCodeError(f"label {code!r} is not one of this model's classes: {', '.join(classes)}")
+        return code
+
+    def set_true_code(self, image_id: int, code: str) -> None:
+        self.row(image_id)
+        self.engine.set_true_code(image_id, self.check_code(code))
+
+
+def _single_axis_code(axis: str, code: str) -> IrmaCode:
+    """A full code that is `code` on `axis` and unspecified (zeros) elsewhere, to decode one axis."""
+    return IrmaCode.parse("-".join(code if name == axis else "0" * AXIS_LENGTHS[name] for name in AXES))

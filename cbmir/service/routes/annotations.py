@@ -1,0 +1,53 @@
+"""Pre-labelling: proposed codes for a batch of files, and their export with the accepted codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi.responses import Response
+
+from cbmir.index import QueryError
+from cbmir.service.dependencies import CatalogDep, authorised
+from cbmir.service.routes.images import ingest_batch
+from cbmir.service.schemas import BatchOut
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(authorised)], tags=["annotations"])
+MAX_EXPORT_IDS = 10_000
+
+
+@router.post("/annotate", response_model=BatchOut, summary="Propose codes for a batch of files")
+def annotate(catalog: CatalogDep, files: Annotated[list[UploadFile], File()],
+             dataset: Annotated[str, Form(min_length=1, max_length=100)] = "annotation") -> BatchOut:
+    """Each readable file is indexed (so that its proposal can be accepted) and gets its proposed code;
+    a file that is already indexed keeps its id and stored prediction; unreadable files are listed
+    under `failed` with the reason."""
+    return ingest_batch(catalog, files, dataset, None)
+
+
+@router.get("/annotations", summary="Proposals and accepted codes of images, as CSV or JSON")
+def export(catalog: CatalogDep, ids: Annotated[str, Query(description="comma-separated image ids")],
+           format: Annotated[Literal["csv", "json"], Query()] = "csv") -> Response:
+    try:
+        wanted = [int(part) for part in ids.split(",") if part.strip()]
+    except ValueError:
+        raise QueryError(f"ids: expected comma-separated image ids, got {ids[:80]!r}") from None
+    if not wanted or len(wanted) > MAX_EXPORT_IDS:
+        raise QueryError(f"ids: give from 1 to {MAX_EXPORT_IDS} image ids")
+    records = []
+    for row in catalog.engine.get(wanted):
+        status = "pending" if row.true_code is None else "accepted" if row.true_code == row.predicted else "corrected"
+        records.append({"id": row.id, "name": catalog.name(row), "proposed": row.predicted,
+                        "confidence": row.confidence, "true_code": row.true_code, "status": status,
+                        "words": catalog.words(row.code)})
+    disposition = {"Content-Disposition": f"attachment; filename=annotations.{format}"}
+    if format == "json":
+        return Response(json.dumps(records, indent=2), media_type="application/json", headers=disposition)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(records[0]))
+    writer.writeheader()
+    writer.writerows(records)
+    return Response(text.getvalue(), media_type="text/csv", headers=disposition)

@@ -1,0 +1,72 @@
+"""Indexed images: metadata, thumbnail, original; adding, removing, and recording a true code."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.responses import FileResponse
+
+from cbmir.imaging.io import ImageReadError
+from cbmir.service import views
+from cbmir.service.catalog import Catalog, upload_name
+from cbmir.service.dependencies import CatalogDep, authorised
+from cbmir.service.schemas import BatchOut, CodeIn, FailedOut, ImageDetailOut, ProposalOut
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(authorised)], tags=["images"])
+DatasetName = Annotated[str, Form(min_length=1, max_length=100)]
+
+
+@router.get("/images/{image_id}", response_model=ImageDetailOut, summary="An indexed image's metadata")
+def image(catalog: CatalogDep, image_id: int) -> ImageDetailOut:
+    return views.image_detail(catalog, catalog.row(image_id))
+
+
+@router.get("/images/{image_id}/thumbnail", response_class=FileResponse, summary="A PNG thumbnail")
+def thumbnail(catalog: CatalogDep, image_id: int) -> FileResponse:
+    return FileResponse(catalog.thumbnail(image_id), media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/images/{image_id}/original", response_class=FileResponse,
+            summary="The original file (only when the server allows originals)")
+def original(catalog: CatalogDep, image_id: int) -> FileResponse:
+    path = catalog.original(image_id)
+    return FileResponse(path, filename=path.name, headers={"Cache-Control": "private, no-store"})
+
+
+@router.post("/images", response_model=BatchOut, summary="Add images, with a known code or predicted")
+def add_images(catalog: CatalogDep, files: Annotated[list[UploadFile], File()],
+               code: Annotated[str | None, Form()] = None, dataset: DatasetName = "uploads") -> BatchOut:
+    return ingest_batch(catalog, files, dataset, catalog.check_code(code) if code else None)
+
+
+@router.delete("/images/{image_id}", summary="Remove an image for good")
+def remove_image(catalog: CatalogDep, image_id: int) -> dict[str, int]:
+    catalog.remove(image_id)
+    return {"removed": image_id}
+
+
+@router.put("/images/{image_id}/code", response_model=ImageDetailOut,
+            summary="Accept or correct a proposal: store the true code")
+def set_code(catalog: CatalogDep, image_id: int, body: CodeIn) -> ImageDetailOut:
+    catalog.set_true_code(image_id, body.code)
+    return views.image_detail(catalog, catalog.row(image_id))
+
+
+def ingest_batch(catalog: Catalog, files: list[UploadFile], dataset: str, true_code: str | None) -> BatchOut:
+    """Index each readable file; an unreadable one is listed under `failed` with the reason."""
+    items, failed = [], []
+    for upload in files:
+        name = upload_name(upload.filename)
+        try:
+            image_id, prediction = catalog.ingest(name, upload.file.read(), dataset, true_code)
+        except ImageReadError as error:
+            failed.append(FailedOut(name=name, error=str(error)))
+            continue
+        row = catalog.row(image_id)
+        items.append(ProposalOut(
+            name=name, id=image_id, duplicate=prediction is None, proposed=row.predicted, confidence=row.confidence,
+            prediction=views.prediction(catalog, prediction) if prediction else None, true_code=row.true_code,
+            words=catalog.words(row.predicted)))
+    return BatchOut(items=items, failed=failed)

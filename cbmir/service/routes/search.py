@@ -1,0 +1,41 @@
+"""Searching: by an uploaded radiograph, or by an indexed image."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+
+from cbmir.service import views
+from cbmir.service.catalog import upload_name
+from cbmir.service.dependencies import CatalogDep, FormFilters, QueryFilters, authorised
+from cbmir.service.schemas import QueryOut, SearchOut
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(authorised)], tags=["search"])
+MAX_RESULTS = 200
+
+
+@router.post("/search", response_model=SearchOut, summary="Search by an uploaded radiograph")
+def search_upload(
+    catalog: CatalogDep,
+    file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF, BMP or DICOM")],
+    filters: FormFilters,
+    k: Annotated[int, Form(ge=1, le=MAX_RESULTS)] = 10,
+) -> SearchOut:
+    name = upload_name(file.filename)
+    radiograph = catalog.read_upload(name, file.file.read())
+    result = catalog.retrieval.search_image(radiograph.pixels, k, filters.filters())
+    height, width = radiograph.pixels.shape[:2]
+    return SearchOut(query=QueryOut(name=name, width=width, height=height),
+                     prediction=views.prediction(catalog, result.prediction),
+                     neighbours=views.neighbours(catalog, result.hits))
+
+
+@router.get("/images/{image_id}/similar", response_model=SearchOut, summary="Search by an indexed image")
+def search_by_id(
+    catalog: CatalogDep, image_id: int, filters: QueryFilters, k: Annotated[int, Query(ge=1, le=MAX_RESULTS)] = 10
+) -> SearchOut:
+    row = catalog.row(image_id)
+    hits = catalog.engine.search_by_id(image_id, k, filters.filters())
+    return SearchOut(query=QueryOut(id=image_id, name=catalog.name(row), width=row.width, height=row.height),
+                     prediction=None, neighbours=views.neighbours(catalog, hits))
