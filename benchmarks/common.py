@@ -10,7 +10,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,10 @@ def machine() -> str:
                 break
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, {gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
 
 
 def command() -> str:
@@ -46,16 +48,24 @@ def command() -> str:
 def publish(name: str, results: dict, markdown: str) -> None:
     """Write results/NAME.json and replace NAME's section of BENCHMARKS.md with `markdown`, headed by the
     exact command, the date and the machine."""
-    stamp = {"command": command(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-             "machine": machine()}
+    stamp = {"command": command(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({**stamp, **results}, indent=2, sort_keys=True) + "\n")
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    section = "\n".join([start, f"Command: `{stamp['command']}`  ", f"Date: {stamp['date']}  ",
-                         f"Machine: {stamp['machine']}", "", markdown.strip(), end])
+    section = "\n".join(
+        [
+            start,
+            f"Command: `{stamp['command']}`  ",
+            f"Date: {stamp['date']}  ",
+            f"Machine: {stamp['machine']}",
+            "",
+            markdown.strip(),
+            end,
+        ]
+    )
     page = PAGE.read_text() if PAGE.exists() else "# Benchmarks\n\nEvery section is written by its script.\n"
     if start in page and end in page:
-        page = page[: page.index(start)] + section + page[page.index(end) + len(end):]
+        page = page[: page.index(start)] + section + page[page.index(end) + len(end) :]
     else:
         page = page.rstrip() + f"\n\n## {name}\n\n{section}\n"
     PAGE.write_text(page)
@@ -67,8 +77,10 @@ def frozen_features(images: np.ndarray, model_name: str = "efficientnet-lite0") 
     features)."""
     model = create_model(model_name, {"label": 2}, pretrained=True, input_size=images.shape[1]).eval()
     model.to(memory_format=torch.channels_last)
-    batches = [model.trunk_features(images_to_tensor(images[i : i + 32], torch.device("cpu"))).numpy()
-               for i in range(0, len(images), 32)]
+    batches = [
+        model.trunk_features(images_to_tensor(images[i : i + 32], torch.device("cpu"))).numpy()
+        for i in range(0, len(images), 32)
+    ]
     return np.concatenate(batches)
 
 

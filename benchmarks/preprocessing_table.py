@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_and_publish, saved_figure
-
 from cbmir.datasets import open_dataset
 from cbmir.errors import CbmirError
 from cbmir.imaging.preprocess import PRESETS
 from cbmir.irma import AXES, CodeTables
 from cbmir.train import choose_task, make_config, train
+from common import run_and_publish, saved_figure
 
 SPLIT = (0.7, 0.1, 0.2)
 PAPER_BEST_CELL = "constant-enhanced"
@@ -53,13 +52,25 @@ def run(args) -> dict:
             raise CbmirError(f"{name}: its split differs from the first cell's, so the cells are not comparable")
         split = cell_split
         test = checkpoint.card["metrics"]["test"]  # test.json summed up: irma accuracy, axis log losses added
-        cells[name] = {"accuracy": test["accuracy"], "loss": test["loss"], "axis_accuracy": test["axis_accuracy"],
-                       "mean_error_score": test.get("mean_error_score"), "images": test["images"],
-                       "train_seconds": seconds}
+        cells[name] = {
+            "accuracy": test["accuracy"],
+            "loss": test["loss"],
+            "axis_accuracy": test["axis_accuracy"],
+            "mean_error_score": test.get("mean_error_score"),
+            "images": test["images"],
+            "train_seconds": seconds,
+        }
         print(f"   accuracy {test['accuracy']:.3f}, loss {test['loss']:.3f}, {seconds:.0f} s")
-    return {"dataset": dataset.name, "images": len(dataset.records), "mode": args.mode,
-            "epochs": make_config(**overrides).epochs, "seed": args.seed,
-            "split_sizes": {part: len(ids) for part, ids in split.items()}, "cells": cells}
+    assert split is not None, "every run trains at least one cell (PRESETS is not empty)"
+    return {
+        "dataset": dataset.name,
+        "images": len(dataset.records),
+        "mode": args.mode,
+        "epochs": make_config(**overrides).epochs,
+        "seed": args.seed,
+        "split_sizes": {part: len(ids) for part, ids in split.items()},
+        "cells": cells,
+    }
 
 
 def markdown(summary: dict) -> str:
@@ -68,13 +79,16 @@ def markdown(summary: dict) -> str:
     winners = [name for name, cell in cells.items() if cell["accuracy"] == best]
     sizes = summary["split_sizes"]
     lines = [
-        (f"Dataset `{summary['dataset']}` ({summary['images']} images), split 70/10/20 with seed {summary['seed']} "
-         f"(train {sizes['train']} / validation {sizes['validation']} / test {sizes['test']}), the same in every "
-         f"cell; every cell: the default CPU model (ImageNet EfficientNet-Lite0, regionally pooled, with IRMA "
-         f"axis heads, {summary['mode']} mode, up to {summary['epochs']} epochs with early stopping). The paper used "
-         "InceptionV3, whose ImageNet weights are not available on this machine. Test loss: the sum of the four "
-         "axis heads' log losses; error score: of the predictions with '*' where the validation-chosen threshold "
-         "stops them."),
+        (
+            f"Dataset `{summary['dataset']}` ({summary['images']} images), split 70/10/20 with seed {summary['seed']} "
+            f"(train {sizes['train']} / validation {sizes['validation']} / test {sizes['test']}), the same in every "
+            f"cell; every cell: the default CPU model (ImageNet EfficientNet-Lite0, regionally pooled, with IRMA "
+            f"axis heads, {summary['mode']} mode, up to {summary['epochs']} epochs with early stopping). "
+            "The paper used "
+            "InceptionV3, whose ImageNet weights are not available on this machine. Test loss: the sum of the four "
+            "axis heads' log losses; error score: of the predictions with '*' where the validation-chosen threshold "
+            "stops them."
+        ),
         "",
         "![accuracy per preprocessing](benchmarks/results/preprocessing-table.png)",
         "",
@@ -86,15 +100,25 @@ def markdown(summary: dict) -> str:
         padding, variant = name.split("-")
         accuracy = f"**{cell['accuracy']:.3f}**" if name in winners else f"{cell['accuracy']:.3f}"
         error = "n/a" if cell["mean_error_score"] is None else f"{cell['mean_error_score']:.3f}"
-        lines.append(f"| {padding} | {variant} | {accuracy} | {cell['loss']:.3f} | "
-                     + " | ".join(f"{cell['axis_accuracy'][axis]:.3f}" for axis in AXES)
-                     + f" | {error} | {cell['train_seconds']:.0f} |")
+        lines.append(
+            f"| {padding} | {variant} | {accuracy} | {cell['loss']:.3f} | "
+            + " | ".join(f"{cell['axis_accuracy'][axis]:.3f}" for axis in AXES)
+            + f" | {error} | {cell['train_seconds']:.0f} |"
+        )
     held_back = next(iter(cells.values()))["images"]
     agrees = "is" if PAPER_BEST_CELL in winners else "is not"
-    lines += ["", (f"Best here: {', '.join(winners)} ({best:.3f}). The paper's best: {PAPER_BEST}; here "
-                   f"{PAPER_BEST_CELL} {agrees} among the best."),
-              "", (f"Held-back images per cell: {held_back}; one image is {1 / held_back:.3f} of accuracy, so small "
-                   "differences are noise.")]
+    lines += [
+        "",
+        (
+            f"Best here: {', '.join(winners)} ({best:.3f}). The paper's best: {PAPER_BEST}; here "
+            f"{PAPER_BEST_CELL} {agrees} among the best."
+        ),
+        "",
+        (
+            f"Held-back images per cell: {held_back}; one image is {1 / held_back:.3f} of accuracy, so small "
+            "differences are noise."
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -112,12 +136,12 @@ def main() -> None:
     parser.add_argument("--tables", type=Path, required=True, help="IRMA code tables folder (A.csv..D.csv)")
     parser.add_argument("--mode", choices=("heads", "finetune"), default="heads", help="training mode of every cell")
     parser.add_argument("--epochs", type=int, help="training budget per cell (default: the CPU default)")
-    parser.add_argument("--work", type=Path, default=Path("benchmark-work/preprocessing-table"),
-                        help="folder for the six checkpoints")
+    parser.add_argument(
+        "--work", type=Path, default=Path("benchmark-work/preprocessing-table"), help="folder for the six checkpoints"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
     args = parser.parse_args()
-    run_and_publish("preprocessing_table", run, args, plot=plot, plot_file="preprocessing-table.png",
-                    markdown=markdown)
+    run_and_publish("preprocessing_table", run, args, plot=plot, plot_file="preprocessing-table.png", markdown=markdown)
 
 
 if __name__ == "__main__":

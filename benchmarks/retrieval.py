@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -34,15 +35,14 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import frozen_features, run_and_publish, saved_figure
-
 from cbmir.datasets import load_pixels, open_dataset
 from cbmir.embed import Embedder, batches
 from cbmir.errors import CbmirError
-from cbmir.search import Retrieval
 from cbmir.irma import AXES, CodeTables, IrmaCode, run_error_score
 from cbmir.prepared import prepare_images
+from cbmir.search import Retrieval
 from cbmir.train import make_config, train
+from common import frozen_features, run_and_publish, saved_figure
 from indexer.pipeline import index_records
 
 KS = (1, 5, 10)
@@ -52,11 +52,18 @@ ENGINE, PIXELS, FROZEN = "cbmir engine", "raw-pixel thumbnails", "frozen ImageNe
 UNTRAINED = "frozen regional Lite0 (the engine's untrained trunk)"
 GOALS = {"full code": 0.90, "anatomical": 0.95}
 GOALS_TEXT = "full-code P@1 ≥ 0.90 and anatomical P@1 ≥ 0.95 (frozen ImageNet features: about 0.80 and 0.88)"
+View = Callable[[str], str]  # what 'the same' means: the part of a label two images must share
 
 
-def report_rows(irma: bool, query_labels: list[str]) -> dict:
+def axis_view(axis: str) -> View:
+    """The code of one IRMA axis of a label."""
+    return lambda label: IrmaCode.parse(label)[axis]
+
+
+def report_rows(irma: bool, query_labels: list[str]) -> dict[str, tuple[View, list[bool]]]:
     """Each table row: what 'the same' means (a function of the label) and which queries it covers."""
     everyone = [True] * len(query_labels)
+    rows: dict[str, tuple[View, list[bool]]]
     if not irma:
         rows = {"class (all queries)": (str, everyone)}
         for name in sorted(set(query_labels)):
@@ -64,22 +71,30 @@ def report_rows(irma: bool, query_labels: list[str]) -> dict:
         return rows
     rows = {"full code": (lambda label: str(IrmaCode.parse(label)), everyone)}
     for axis in AXES:
-        rows[axis] = (lambda label, axis=axis: IrmaCode.parse(label)[axis], everyone)
+        rows[axis] = (axis_view(axis), everyone)
     return rows
 
 
-def figures(neighbour_labels: list[list[str]], query_labels: list[str], gallery_labels: list[str], view) -> dict:
+def figures(neighbour_labels: list[list[str]], query_labels: list[str], gallery_labels: list[str], view: View) -> dict:
     """P@1/5/10, mAP@10, vote@5 and the precision@k curve for one notion of 'the same'."""
     gallery_counts = Counter(view(label) for label in gallery_labels)
-    hits = np.array([[view(n) == view(q) for n in row[:10]] + [False] * (10 - len(row[:10]))
-                     for row, q in zip(neighbour_labels, query_labels)], dtype=float)
-    result = {f"P@{k}": float(hits[:, :k].mean()) for k in KS}
+    hits = np.array(
+        [
+            [view(n) == view(q) for n in row[:10]] + [False] * (10 - len(row[:10]))
+            for row, q in zip(neighbour_labels, query_labels, strict=True)
+        ],
+        dtype=float,
+    )
+    result: dict[str, float | list[float]] = {f"P@{k}": float(hits[:, :k].mean()) for k in KS}
     precisions = np.cumsum(hits, axis=1) / np.arange(1, 11)
     relevant = np.array([min(10, gallery_counts[view(q)]) for q in query_labels])
     average_precision = (precisions * hits).sum(axis=1) / np.maximum(relevant, 1)
     result["mAP@10"] = float(average_precision.mean())
-    result["vote@5"] = float(np.mean([vote([view(n) for n in row[:5]]) == view(q)
-                                      for row, q in zip(neighbour_labels, query_labels)]))
+    result["vote@5"] = float(
+        np.mean(
+            [vote([view(n) for n in row[:5]]) == view(q) for row, q in zip(neighbour_labels, query_labels, strict=True)]
+        )
+    )
     result["curve"] = [float(value) for value in precisions.mean(axis=0)]
     return result
 
@@ -93,20 +108,31 @@ def vote(labels: list[str]) -> str | None:
 def knn(gallery: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
     def unit(x):
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
     return np.argsort(-(unit(queries) @ unit(gallery).T), axis=1)[:, :k]
 
 
 def thumbnails(images: np.ndarray) -> np.ndarray:
-    small = np.stack([cv2.resize(np.ascontiguousarray(image[..., 0]), (32, 32), interpolation=cv2.INTER_AREA)
-                      for image in images]).reshape(len(images), -1).astype(np.float32)
+    small = (
+        np.stack(
+            [
+                cv2.resize(np.ascontiguousarray(image[..., 0]), (32, 32), interpolation=cv2.INTER_AREA)
+                for image in images
+            ]
+        )
+        .reshape(len(images), -1)
+        .astype(np.float32)
+    )
     return small - small.mean(axis=1, keepdims=True)
 
 
 def single_labelled(dataset) -> list:
     odd = [record.id for record in dataset.records if len(record.labels) != 1]
     if odd:
-        raise CbmirError(f"{dataset.name}: the retrieval benchmark needs one label per image; {len(odd)} images "
-                         f"have none or several (e.g. {odd[0]})")
+        raise CbmirError(
+            f"{dataset.name}: the retrieval benchmark needs one label per image; {len(odd)} images "
+            f"have none or several (e.g. {odd[0]})"
+        )
     return list(dataset.records)
 
 
@@ -136,8 +162,7 @@ def run(args) -> dict:
     shutil.rmtree(work / "model", ignore_errors=True)  # no feature cache of an earlier run: time it all
     print(f"training on {dataset.name} ({len(records)} images, {args.mode} mode)")
     started = time.time()
-    checkpoint = train(dataset, make_config(mode=args.mode, split=SPLIT, seed=args.seed), work / "model",
-                       tables=tables)
+    checkpoint = train(dataset, make_config(mode=args.mode, split=SPLIT, seed=args.seed), work / "model", tables=tables)
     train_seconds = time.time() - started
     split = json.loads((work / "model" / "split.json").read_text())
     by_id = {record.id: record for record in records}
@@ -169,47 +194,70 @@ def run(args) -> dict:
 
     results = {}
     for row, (view, chosen) in report_rows(irma, query_labels).items():
-        subset = [label for label, keep in zip(query_labels, chosen) if keep]
-        results[row] = {"queries": len(subset), "methods": {
-            name: figures([n for n, keep in zip(neighbours, chosen) if keep], subset, stored, view)
-            for name, (neighbours, stored) in methods.items()}}
+        subset = [label for label, keep in zip(query_labels, chosen, strict=True) if keep]
+        results[row] = {
+            "queries": len(subset),
+            "methods": {
+                name: figures([n for n, keep in zip(neighbours, chosen, strict=True) if keep], subset, stored, view)
+                for name, (neighbours, stored) in methods.items()
+            },
+        }
     error_scores = {}
     if irma and tables:
+
         def mean_error(codes):
-            return run_error_score(zip(query_labels, codes), tables) / len(queries)
+            return run_error_score(zip(query_labels, codes, strict=True), tables) / len(queries)
+
         for name, (neighbours, _) in methods.items():
-            error_scores[name] = {"kNN-voted (top 5)": mean_error([vote([str(IrmaCode.parse(n)) for n in row[:5]])
-                                                                   for row in neighbours])}
+            error_scores[name] = {
+                "kNN-voted (top 5)": mean_error([vote([str(IrmaCode.parse(n)) for n in row[:5]]) for row in neighbours])
+            }
         error_scores[ENGINE]["predicted"] = mean_error(engine["predicted"])
     return {
-        "dataset": dataset.name, "queries_dataset": query_dataset.name if query_dataset else None,
-        "own_split": all(record.split for record in records), "seed": args.seed, "mode": args.mode,
-        "split_sizes": {part: len(ids) for part, ids in split.items()}, "gallery": len(gallery),
-        "indexed": len(engine["gallery_labels"]), "queries": len(queries), "irma": irma,
-        "tables": tables is not None, "train_seconds": train_seconds, "results": results,
+        "dataset": dataset.name,
+        "queries_dataset": query_dataset.name if query_dataset else None,
+        "own_split": all(record.split for record in records),
+        "seed": args.seed,
+        "mode": args.mode,
+        "split_sizes": {part: len(ids) for part, ids in split.items()},
+        "gallery": len(gallery),
+        "indexed": len(engine["gallery_labels"]),
+        "queries": len(queries),
+        "irma": irma,
+        "tables": tables is not None,
+        "train_seconds": train_seconds,
+        "results": results,
         "error_scores": error_scores,
     }
 
 
 def setting(summary: dict) -> str:
     sizes = summary["split_sizes"]
-    split = ("its own split" if summary["own_split"] else f"split 70/10/20 with seed {summary['seed']}")
+    split = "its own split" if summary["own_split"] else f"split 70/10/20 with seed {summary['seed']}"
     parts = f"train {sizes['train']} / validation {sizes['validation']} / test {sizes['test']}"
-    trained = (f"The default CPU model ({summary['mode']} mode) trained on the training part in "
-               f"{summary['train_seconds']:.0f} s (feature caching included).")
+    trained = (
+        f"The default CPU model ({summary['mode']} mode) trained on the training part in "
+        f"{summary['train_seconds']:.0f} s (feature caching included)."
+    )
     if summary["queries_dataset"]:
-        where = (f"Gallery: all {summary['gallery']} images of `{summary['dataset']}` ({split}: {parts}); queries: "
-                 f"all {summary['queries']} images of `{summary['queries_dataset']}`.")
+        where = (
+            f"Gallery: all {summary['gallery']} images of `{summary['dataset']}` ({split}: {parts}); queries: "
+            f"all {summary['queries']} images of `{summary['queries_dataset']}`."
+        )
     else:
-        where = (f"Dataset `{summary['dataset']}`, {split}: {parts}. Gallery: the training and validation parts "
-                 f"({summary['gallery']} images); queries: the {summary['queries']} test images, never in the "
-                 "gallery and never trained on.")
+        where = (
+            f"Dataset `{summary['dataset']}`, {split}: {parts}. Gallery: the training and validation parts "
+            f"({summary['gallery']} images); queries: the {summary['queries']} test images, never in the "
+            "gallery and never trained on."
+        )
     indexed = summary["indexed"]
     if indexed != summary["gallery"]:
         where += f" The engine indexed {indexed} of them (identical files are indexed once)."
-    return (f"{where} {trained} Engine: the gallery indexed by the batch indexer, queries searched through "
-            "`Engine.search`. Baselines, and the engine's trunk before training as a reference: exact cosine kNN "
-            "over the same gallery.")
+    return (
+        f"{where} {trained} Engine: the gallery indexed by the batch indexer, queries searched through "
+        "`Engine.search`. Baselines, and the engine's trunk before training as a reference: exact cosine kNN "
+        "over the same gallery."
+    )
 
 
 def markdown(summary: dict) -> str:
@@ -223,18 +271,32 @@ def markdown(summary: dict) -> str:
             cells = [f"**{figures[m]:.3f}**" if figures[m] == best[m] else f"{figures[m]:.3f}" for m in metrics]
             lines.append(f"| {row} | {result['queries']} | {name} | " + " | ".join(cells) + " |")
     if summary["error_scores"]:
-        lines += ["", ("Mean ImageCLEF error score of the codes given to the queries (lower is better; 0 right, "
-                       "1 wrong on every axis). The baselines have no classifier, only their kNN vote."), "",
-                  "| method | kNN-voted codes (top 5) | model's predicted codes ('*' where it stops) |", "|---|---|---|"]
+        lines += [
+            "",
+            (
+                "Mean ImageCLEF error score of the codes given to the queries (lower is better; 0 right, "
+                "1 wrong on every axis). The baselines have no classifier, only their kNN vote."
+            ),
+            "",
+            "| method | kNN-voted codes (top 5) | model's predicted codes ('*' where it stops) |",
+            "|---|---|---|",
+        ]
         for name, scores in summary["error_scores"].items():
             predicted = f"{scores['predicted']:.3f}" if "predicted" in scores else "–"
             lines.append(f"| {name} | {scores['kNN-voted (top 5)']:.3f} | {predicted} |")
     elif summary["irma"]:
         lines += ["", "No error scores: give the IRMA code tables with --tables."]
-    beaten = all(result["methods"][ENGINE][m] >= result["methods"][other][m] for result in results.values()
-                 for m in metrics for other in (PIXELS, FROZEN))
-    lines += ["", goals(results) + f" The engine {'beats or equals' if beaten else 'does not beat'} both "
-                  "baselines (raw pixels, frozen ImageNet Lite0) on every figure of the table."]
+    beaten = all(
+        result["methods"][ENGINE][m] >= result["methods"][other][m]
+        for result in results.values()
+        for m in metrics
+        for other in (PIXELS, FROZEN)
+    )
+    lines += [
+        "",
+        goals(results) + f" The engine {'beats or equals' if beaten else 'does not beat'} both "
+        "baselines (raw pixels, frozen ImageNet Lite0) on every figure of the table.",
+    ]
     return "\n".join(lines)
 
 
@@ -242,16 +304,19 @@ def goals(results: dict) -> str:
     if not all(row in results for row in GOALS):
         return f"Goals (from the issue, for IRMA codes): {GOALS_TEXT}; not applicable to this class dataset."
     p1 = {row: {name: figures["P@1"] for name, figures in results[row]["methods"].items()} for row in GOALS}
-    reached = [f"{row} P@1 {p1[row][ENGINE]:.3f} against {goal:.2f}: "
-               f"**{'met' if p1[row][ENGINE] >= goal else 'not met'}** "
-               f"(frozen ImageNet Lite0 in this run: {p1[row][FROZEN]:.3f})" for row, goal in GOALS.items()]
+    reached = [
+        f"{row} P@1 {p1[row][ENGINE]:.3f} against {goal:.2f}: "
+        f"**{'met' if p1[row][ENGINE] >= goal else 'not met'}** "
+        f"(frozen ImageNet Lite0 in this run: {p1[row][FROZEN]:.3f})"
+        for row, goal in GOALS.items()
+    ]
     return f"Goals (from the issue): {GOALS_TEXT}. This run: " + "; ".join(reached) + "."
 
 
 def plot(summary: dict, path: Path) -> None:
     shown = [row for row in ("full code", "anatomical", "class (all queries)") if row in summary["results"]]
     with saved_figure(path, ncols=len(shown), figsize=(6 * len(shown), 4), squeeze=False) as (_, axes):
-        for axis, row in zip(axes[0], shown):
+        for axis, row in zip(axes[0], shown, strict=True):
             for method in (ENGINE, PIXELS, FROZEN, UNTRAINED):
                 axis.plot(range(1, 11), summary["results"][row]["methods"][method]["curve"], marker="o", label=method)
             axis.set(title=f"precision@k, {row}", xlabel="k", ylabel="precision", ylim=(0, 1))
@@ -261,14 +326,22 @@ def plot(summary: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", type=Path, nargs="?",
-                        help="archive in any supported layout: trained on its training part, its test part queries")
+    parser.add_argument(
+        "dataset",
+        type=Path,
+        nargs="?",
+        help="archive in any supported layout: trained on its training part, its test part queries",
+    )
     parser.add_argument("--tables", type=Path, help="IRMA code tables folder (A.csv..D.csv), for the error scores")
     parser.add_argument("--gallery", type=Path, help="instead of DATASET: the archive to train on and index whole")
     parser.add_argument("--queries", type=Path, help="with --gallery: the archive whose images are the queries")
     parser.add_argument("--mode", choices=("heads", "finetune"), default="heads", help="training mode")
-    parser.add_argument("--work", type=Path, default=Path("benchmark-work/retrieval"),
-                        help="folder for the model, the engine and the caches")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("benchmark-work/retrieval"),
+        help="folder for the model, the engine and the caches",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
     args = parser.parse_args()
     if (args.gallery is None) != (args.queries is None):

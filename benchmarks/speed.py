@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import faiss
 import httpx
@@ -37,8 +38,6 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, publish, saved_figure
-
 from cbmir.checkpoint import Checkpoint, load_checkpoint, new_card, save_checkpoint
 from cbmir.datasets import load_pixels
 from cbmir.embed import Embedder
@@ -46,23 +45,31 @@ from cbmir.imaging.preprocess import preset
 from cbmir.index import Engine, Filters, ImageEntry, IndexPolicy, ModelStamp, automatic_type
 from cbmir.labels import LabelSchema
 from cbmir.models import create_model
-from cbmir.train import TrainConfig
 from cbmir.search import Retrieval
+from cbmir.train import TrainConfig
+from common import RESULTS, publish, saved_figure
 from indexer.pipeline import index_records, read_archive
 
 DIMENSION, K, BATCH, CLUSTERS = 512, 10, 32, 200
 # From broad to selective: about 50%, 11% and 0.5% of a generated archive (see generated_codes).
-FILTERS = {"none": None, "biology=7": Filters(biology="7"), "anatomy=5": Filters(anatomy="5"),
-           "anatomy=52, biology=7": Filters(anatomy="52", biology="7")}
+FILTERS = {
+    "none": None,
+    "biology=7": Filters(biology="7"),
+    "anatomy=5": Filters(anatomy="5"),
+    "anatomy=52, biology=7": Filters(anatomy="52", biology="7"),
+}
 
 
 # -- indexing --------------------------------------------------------------------------------------------------
 
+
 def default_checkpoint(records) -> Checkpoint:
     """An untrained model of the CPU default for these records' labels (ImageNet trunk, random heads)."""
     config = TrainConfig()
-    schema = LabelSchema.from_labels("irma-axes" if all(r.labels for r in records) else "single-label",
-                                     [r.labels or ("unlabelled",) for r in records])
+    schema = LabelSchema.from_labels(
+        "irma-axes" if all(r.labels for r in records) else "single-label",
+        [r.labels or ("unlabelled",) for r in records],
+    )
     model = create_model(config.model, schema.head_sizes, pretrained=True, embedding_dim=config.embedding_dim).eval()
     return Checkpoint(model, new_card(model, schema, preset(config.preset, size=model.input_size)))
 
@@ -86,12 +93,20 @@ def indexing(archive: Path, model: Path | None, workers: int, work: Path) -> dic
     embedder.embed_inputs(images)
     model_seconds = time.perf_counter() - started
     sizes = [max(image.shape[:2]) for image in images]
-    result = {
-        "archive": name, "images": len(records), "indexed": summary.indexed, "failed": sum(summary.failed.values()),
-        "model": described, "model_path": str(model),
-        "input_size": int(sizes[0]), "workers": workers, "batch_size": BATCH,
-        "wall_seconds": summary.wall_seconds, "images_per_second": summary.indexed / summary.wall_seconds,
-        "stage_seconds": summary.seconds, "model_only_seconds": model_seconds,
+    result: dict[str, Any] = {
+        "archive": name,
+        "images": len(records),
+        "indexed": summary.indexed,
+        "failed": sum(summary.failed.values()),
+        "model": described,
+        "model_path": str(model),
+        "input_size": int(sizes[0]),
+        "workers": workers,
+        "batch_size": BATCH,
+        "wall_seconds": summary.wall_seconds,
+        "images_per_second": summary.indexed / summary.wall_seconds,
+        "stage_seconds": summary.seconds,
+        "model_only_seconds": model_seconds,
         "model_only_images_per_second": len(images) / model_seconds,
     }
     result["fraction_of_model_only"] = result["images_per_second"] / result["model_only_images_per_second"]
@@ -99,13 +114,17 @@ def indexing(archive: Path, model: Path | None, workers: int, work: Path) -> dic
     # time comes out of the model's. The best overlap reachable is then this fraction of the model-only rate.
     model_core_seconds = model_seconds * torch.get_num_threads()
     result["overlap_ceiling"] = model_core_seconds / (
-        model_core_seconds + summary.seconds["read"] + summary.seconds["preprocess"])
-    print(f"model only: {result['model_only_images_per_second']:.1f} images/s; indexing reaches "
-          f"{result['fraction_of_model_only']:.0%} of it")
+        model_core_seconds + summary.seconds["read"] + summary.seconds["preprocess"]
+    )
+    print(
+        f"model only: {result['model_only_images_per_second']:.1f} images/s; indexing reaches "
+        f"{result['fraction_of_model_only']:.0%} of it"
+    )
     return result
 
 
 # -- search ----------------------------------------------------------------------------------------------------
+
 
 def generated_codes(count: int, rng: np.random.Generator) -> list[str]:
     """IRMA-shaped codes: anatomy uniform over 100-999 (first digit 1-9, two more 0-9), biology 7 for half
@@ -113,7 +132,7 @@ def generated_codes(count: int, rng: np.random.Generator) -> list[str]:
     directional = rng.choice(["110", "120", "121", "211", "220"], count)
     anatomy = rng.integers(100, 1000, count)
     biology = rng.choice(["700", "710", "400", "500", "800", "810"], count, p=[0.3, 0.2, 0.15, 0.15, 0.1, 0.1])
-    return [f"1121-{d}-{a}-{b}" for d, a, b in zip(directional, anatomy, biology)]
+    return [f"1121-{d}-{a}-{b}" for d, a, b in zip(directional, anatomy, biology, strict=True)]
 
 
 def unit_rows(count: int, rng: np.random.Generator, clusters: int = 0) -> np.ndarray:
@@ -131,31 +150,52 @@ def unit_rows(count: int, rng: np.random.Generator, clusters: int = 0) -> np.nda
 def build_store(folder: Path, vectors: np.ndarray, codes: list[str]) -> float:
     """Add the generated images through the engine (Flat); returns the seconds it took."""
     started = time.perf_counter()
-    with Engine.open(folder, model=ModelStamp({"architecture": "generated"}, DIMENSION), index_type="Flat",
-                     policy=IndexPolicy(write_every=len(vectors) + 1)) as engine:
+    with Engine.open(
+        folder,
+        model=ModelStamp({"architecture": "generated"}, DIMENSION),
+        index_type="Flat",
+        policy=IndexPolicy(write_every=len(vectors) + 1),
+    ) as engine:
         for start in range(0, len(vectors), 20_000):
-            engine.add([
-                ImageEntry(location=f"generated/{i}", content_hash=f"{i:064x}", width=512, height=512,
-                           dataset="generated", true_code=codes[i], embedding=vectors[i])
-                for i in range(start, min(start + 20_000, len(vectors)))
-            ])
+            engine.add(
+                [
+                    ImageEntry(
+                        location=f"generated/{i}",
+                        content_hash=f"{i:064x}",
+                        width=512,
+                        height=512,
+                        dataset="generated",
+                        true_code=codes[i],
+                        embedding=vectors[i],
+                    )
+                    for i in range(start, min(start + 20_000, len(vectors)))
+                ]
+            )
     return time.perf_counter() - started
 
 
 def timed(search, queries: np.ndarray) -> tuple[dict, list]:
     search(queries[0])  # warm-up
-    seconds, answers = [], []
+    durations: list[float] = []
+    answers = []
     for query in queries:
         started = time.perf_counter()
         answers.append(search(query))
-        seconds.append(time.perf_counter() - started)
-    seconds = np.array(seconds)
-    return {"p50_ms": float(np.median(seconds) * 1e3), "p99_ms": float(np.quantile(seconds, 0.99) * 1e3),
-            "queries_per_second": float(len(seconds) / seconds.sum())}, answers
+        durations.append(time.perf_counter() - started)
+    seconds = np.array(durations)
+    return {
+        "p50_ms": float(np.median(seconds) * 1e3),
+        "p99_ms": float(np.quantile(seconds, 0.99) * 1e3),
+        "queries_per_second": float(len(seconds) / seconds.sum()),
+    }, answers
 
 
 def recall(answers: list, exact: list) -> float:
-    return float(np.mean([len(set(map(int, a)) & set(map(int, e))) / max(len(e), 1) for a, e in zip(answers, exact)]))
+    return float(
+        np.mean(
+            [len(set(map(int, a)) & set(map(int, e))) / max(len(e), 1) for a, e in zip(answers, exact, strict=True)]
+        )
+    )
 
 
 def stream_bound(vectors: np.ndarray) -> float:
@@ -206,28 +246,63 @@ def search_size(count: int, queries_per_run: int, work: Path) -> dict:
             open_seconds[index_type] = time.perf_counter() - started
             bare = faiss.read_index(str(folder / "vectors.faiss"))
             for name, filters in FILTERS.items():
-                figures, answers = timed(lambda q, filters=filters: [hit.id for hit in engine.search(q, K, filters)],
-                                         queries)
-                bare_figures, bare_answers = timed(bare_search(bare, matching[name], policy), queries)
-                rows.append({"index_type": index_type, "filter": name, "method": "cbmir engine",
-                             "matching": count if matching[name] is None else len(matching[name]),
-                             "recall_at_10": recall(answers, exact[name]), **figures})
-                rows.append({"index_type": index_type, "filter": name, "method": "bare FAISS",
-                             "matching": rows[-1]["matching"], "recall_at_10": recall(bare_answers, exact[name]),
-                             **bare_figures})
-                print(f"  {index_type:14} {name:22} engine p50 {figures['p50_ms']:7.2f} ms  "
-                      f"bare FAISS {bare_figures['p50_ms']:7.2f} ms  recall {rows[-2]['recall_at_10']:.3f}")
+                within = matching[name]
+                figures, answers = timed(
+                    lambda q, filters=filters: [hit.id for hit in engine.search(q, K, filters)], queries
+                )
+                bare_figures, bare_answers = timed(bare_search(bare, within, policy), queries)
+                rows.append(
+                    {
+                        "index_type": index_type,
+                        "filter": name,
+                        "method": "cbmir engine",
+                        "matching": count if within is None else len(within),
+                        "recall_at_10": recall(answers, exact[name]),
+                        **figures,
+                    }
+                )
+                rows.append(
+                    {
+                        "index_type": index_type,
+                        "filter": name,
+                        "method": "bare FAISS",
+                        "matching": rows[-1]["matching"],
+                        "recall_at_10": recall(bare_answers, exact[name]),
+                        **bare_figures,
+                    }
+                )
+                print(
+                    f"  {index_type:14} {name:22} engine p50 {figures['p50_ms']:7.2f} ms  "
+                    f"bare FAISS {bare_figures['p50_ms']:7.2f} ms  recall {rows[-2]['recall_at_10']:.3f}"
+                )
     for name, ids in matching.items():
         subset = vectors if ids is None else vectors[ids - 1]
         ids_of = np.arange(1, count + 1) if ids is None else ids
         neighbours = NearestNeighbors(n_neighbors=min(K, len(subset)), algorithm="brute").fit(subset)
-        figures, answers = timed(lambda q, ids_of=ids_of, neighbours=neighbours:
-                                 ids_of[neighbours.kneighbors(q[None], return_distance=False)[0]], queries)
-        rows.append({"index_type": "brute force", "filter": name, "method": "scikit-learn NearestNeighbors",
-                     "matching": len(subset), "recall_at_10": recall(answers, exact[name]), **figures})
+        figures, answers = timed(
+            lambda q, ids_of=ids_of, neighbours=neighbours: ids_of[
+                neighbours.kneighbors(q[None], return_distance=False)[0]
+            ],
+            queries,
+        )
+        rows.append(
+            {
+                "index_type": "brute force",
+                "filter": name,
+                "method": "scikit-learn NearestNeighbors",
+                "matching": len(subset),
+                "recall_at_10": recall(answers, exact[name]),
+                **figures,
+            }
+        )
         print(f"  scikit-learn   {name:22} p50 {figures['p50_ms']:7.2f} ms")
-    return {"count": count, "store_seconds": build_seconds, "open_seconds": open_seconds,
-            "stream_bound_ms": bound * 1e3, "rows": rows}
+    return {
+        "count": count,
+        "store_seconds": build_seconds,
+        "open_seconds": open_seconds,
+        "stream_bound_ms": bound * 1e3,
+        "rows": rows,
+    }
 
 
 def bare_search(index: faiss.Index, within: np.ndarray | None, policy: IndexPolicy):
@@ -249,6 +324,7 @@ def bare_search(index: faiss.Index, within: np.ndarray | None, policy: IndexPoli
 
 # -- HTTP ------------------------------------------------------------------------------------------------------
 
+
 def http_load(work: Path, model: str, archive: Path, clients: list[int], seconds: float) -> list[dict]:
     """Serve work/index with `cbmir serve` (its own process, as in use) and search it by uploading the
     archive's radiographs from `clients` concurrent clients, each sending its next request when the
@@ -257,8 +333,10 @@ def http_load(work: Path, model: str, archive: Path, clients: list[int], seconds
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "cbmir", "serve", "--db", str(work / "index"), "--model", model,
-                               "--port", str(port)], env={**os.environ, "CBMIR_TOKEN": token})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cbmir", "serve", "--db", str(work / "index"), "--model", model, "--port", str(port)],
+        env={**os.environ, "CBMIR_TOKEN": token},
+    )
     url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
     _, records = read_archive(archive)
     uploads = [(record.path.name, record.path.read_bytes()) for record in records if record.index is None][:200]
@@ -282,7 +360,8 @@ def http_load(work: Path, model: str, archive: Path, clients: list[int], seconds
 
 def load(url: str, headers: dict, uploads: list[tuple[str, bytes]], clients: int, seconds: float) -> dict:
     """`clients` concurrent clients searching for `seconds`: latency percentiles, throughput, errors."""
-    latencies, failures = [], Counter()
+    latencies: list[float] = []
+    failures: Counter[int] = Counter()  # by HTTP status
     stop = time.monotonic() + seconds
 
     def client(number: int) -> None:
@@ -301,28 +380,53 @@ def load(url: str, headers: dict, uploads: list[tuple[str, bytes]], clients: int
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     elapsed = time.monotonic() - started
-    result = {"clients": clients, "requests": len(latencies), "errors": dict(failures), "seconds": elapsed,
-              "requests_per_second": len(latencies) / elapsed, "p50_ms": float(np.median(latencies) * 1e3),
-              "p99_ms": float(np.quantile(latencies, 0.99) * 1e3)}
-    print(f"HTTP, {clients} clients: {result['requests_per_second']:.1f} searches/s, p50 {result['p50_ms']:.0f} ms, "
-          f"p99 {result['p99_ms']:.0f} ms, errors {dict(failures)}")
+    result = {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": dict(failures),
+        "seconds": elapsed,
+        "requests_per_second": len(latencies) / elapsed,
+        "p50_ms": float(np.median(latencies) * 1e3),
+        "p99_ms": float(np.quantile(latencies, 0.99) * 1e3),
+    }
+    print(
+        f"HTTP, {clients} clients: {result['requests_per_second']:.1f} searches/s, p50 {result['p50_ms']:.0f} ms, "
+        f"p99 {result['p99_ms']:.0f} ms, errors {dict(failures)}"
+    )
     return result
 
 
 # -- report ----------------------------------------------------------------------------------------------------
 
+
 def plot(sizes: list[dict], path: Path) -> None:
     counts = [size["count"] for size in sizes]
-    lines = [("cbmir engine", "Flat", "none"), ("cbmir engine", "Flat", "anatomy=5"), ("bare FAISS", "Flat", "none"),
-             ("bare FAISS", "Flat", "anatomy=5"), ("scikit-learn NearestNeighbors", "brute force", "none")]
+    lines = [
+        ("cbmir engine", "Flat", "none"),
+        ("cbmir engine", "Flat", "anatomy=5"),
+        ("bare FAISS", "Flat", "none"),
+        ("bare FAISS", "Flat", "anatomy=5"),
+        ("scikit-learn NearestNeighbors", "brute force", "none"),
+    ]
     with saved_figure(path, figsize=(7, 4.5)) as (_, axis):
         for method, index_type, name in lines:
-            values = [next(r["p50_ms"] for r in size["rows"] if (r["method"], r["index_type"], r["filter"]) ==
-                           (method, index_type, name)) for size in sizes]
+            values = [
+                next(
+                    r["p50_ms"]
+                    for r in size["rows"]
+                    if (r["method"], r["index_type"], r["filter"]) == (method, index_type, name)
+                )
+                for size in sizes
+            ]
             axis.plot(counts, values, marker="o", label=f"{method}, {index_type}, filter {name}")
         axis.plot(counts, [size["stream_bound_ms"] for size in sizes], "k--", label="memory-streaming bound")
-        axis.set(xscale="log", yscale="log", xlabel="archive size (vectors, 512-d)",
-                 ylabel="p50 latency per query (ms)", title="Single-query search latency, k=10, 2 CPU cores")
+        axis.set(
+            xscale="log",
+            yscale="log",
+            xlabel="archive size (vectors, 512-d)",
+            ylabel="p50 latency per query (ms)",
+            title="Single-query search latency, k=10, 2 CPU cores",
+        )
         axis.legend(fontsize=8)
         axis.grid(True, which="both", alpha=0.3)
 
@@ -335,16 +439,22 @@ def markdown(index_result: dict | None, http: list[dict], sizes: list[dict], plo
         lines += [
             "### Indexing",
             "",
-            (f"Archive `{r['archive']}` ({r['images']} radiographs, model input {r['input_size']} px), model: "
-             f"{r['model']}, {r['workers']} reader/preprocessor processes, batches of {r['batch_size']}."),
+            (
+                f"Archive `{r['archive']}` ({r['images']} radiographs, model input {r['input_size']} px), model: "
+                f"{r['model']}, {r['workers']} reader/preprocessor processes, batches of {r['batch_size']}."
+            ),
             "",
-            "| figure | value |", "|---|---|",
+            "| figure | value |",
+            "|---|---|",
             f"| indexed | {r['indexed']} ({r['failed']} failed) in {r['wall_seconds']:.1f} s |",
             f"| indexing rate | **{r['images_per_second']:.1f} images/s** |",
-            f"| model-only rate (same images preprocessed in memory) | {r['model_only_images_per_second']:.1f} images/s |",
+            "| model-only rate (same images preprocessed in memory) | "
+            f"{r['model_only_images_per_second']:.1f} images/s |",
             f"| indexing / model-only | **{r['fraction_of_model_only']:.0%}** (goal ≥ 70%) |",
-            (f"| ceiling when the model alone fills every core: model core-seconds / (those + read + preprocess) "
-             f"| {r['overlap_ceiling']:.0%} |"),
+            (
+                f"| ceiling when the model alone fills every core: model core-seconds / (those + read + preprocess) "
+                f"| {r['overlap_ceiling']:.0%} |"
+            ),
             f"| seconds per stage (read and preprocess summed over workers) | {stages} |",
             "",
         ]
@@ -352,47 +462,73 @@ def markdown(index_result: dict | None, http: list[dict], sizes: list[dict], plo
         lines += [
             "### End-to-end HTTP search",
             "",
-            ("`cbmir serve` over that index, in its own process; each client uploads a radiograph of the archive "
-             "to `POST /v1/search` (k=10) and sends the next when answered. Latency includes the upload, reading, "
-             "preprocessing, the model, the search and the JSON answer."),
+            (
+                "`cbmir serve` over that index, in its own process; each client uploads a radiograph of the archive "
+                "to `POST /v1/search` (k=10) and sends the next when answered. Latency includes the upload, reading, "
+                "preprocessing, the model, the search and the JSON answer."
+            ),
             "",
-            "| clients | requests | errors | searches/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|",
-            *(f"| {r['clients']} | {r['requests']} | {sum(r['errors'].values())} | {r['requests_per_second']:.1f} | "
-              f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |" for r in http),
+            "| clients | requests | errors | searches/s | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {r['clients']} | {r['requests']} | {sum(r['errors'].values())} | {r['requests_per_second']:.1f} | "
+                f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+                for r in http
+            ),
             "",
         ]
     lines += [
         "### Search latency",
         "",
-        (f"Single queries, k=10, over generated 512-d unit vectors around {CLUSTERS} centres (as embeddings "
-         "gather around their classes), with generated IRMA codes; "
-         "filters match about 50% (biology=7), 11% (anatomy=5) and 0.5% (anatomy=52, biology=7) of the archive. "
-         "Ratios: to bare FAISS on the same index type and filter, to the same method unfiltered, and to the "
-         "memory-streaming bound."),
+        (
+            f"Single queries, k=10, over generated 512-d unit vectors around {CLUSTERS} centres (as embeddings "
+            "gather around their classes), with generated IRMA codes; "
+            "filters match about 50% (biology=7), 11% (anatomy=5) and 0.5% (anatomy=52, biology=7) of the archive. "
+            "Ratios: to bare FAISS on the same index type and filter, to the same method unfiltered, and to the "
+            "memory-streaming bound."
+        ),
         "",
         f"![latency vs archive size]({plot_name})",
         "",
     ]
     for size in sizes:
         built = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in size["open_seconds"].items())
-        lines += [(f"**{size['count']:,} vectors**: stored through the engine in {size['store_seconds']:.0f} s; "
-                   f"index built at open: {built}; reading every vector once takes {size['stream_bound_ms']:.2f} ms."),
-                  "",
-                  ("| index | filter (matching) | method | p50 ms | p99 ms | queries/s | recall@10 | × bare FAISS | "
-                   "× unfiltered | × stream bound |"),
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            (
+                f"**{size['count']:,} vectors**: stored through the engine in {size['store_seconds']:.0f} s; "
+                f"index built at open: {built}; reading every vector once takes {size['stream_bound_ms']:.2f} ms."
+            ),
+            "",
+            (
+                "| index | filter (matching) | method | p50 ms | p99 ms | queries/s | recall@10 | × bare FAISS | "
+                "× unfiltered | × stream bound |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in size["rows"]:
-            bare = next((r for r in size["rows"] if r["method"] == "bare FAISS" and r["index_type"] == row["index_type"]
-                         and r["filter"] == row["filter"]), None)
-            unfiltered = next(r for r in size["rows"] if r["method"] == row["method"]
-                              and r["index_type"] == row["index_type"] and r["filter"] == "none")
+            bare = next(
+                (
+                    r
+                    for r in size["rows"]
+                    if r["method"] == "bare FAISS"
+                    and r["index_type"] == row["index_type"]
+                    and r["filter"] == row["filter"]
+                ),
+                None,
+            )
+            unfiltered = next(
+                r
+                for r in size["rows"]
+                if r["method"] == row["method"] and r["index_type"] == row["index_type"] and r["filter"] == "none"
+            )
             versus_bare = f"{row['p50_ms'] / bare['p50_ms']:.2f}" if bare and row["method"] == "cbmir engine" else ""
             versus_unfiltered = f"{row['p50_ms'] / unfiltered['p50_ms']:.2f}" if row["filter"] != "none" else ""
             lines.append(
                 f"| {row['index_type']} | {row['filter']} ({row['matching']:,}) | {row['method']} | "
                 f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['queries_per_second']:.0f} | "
                 f"{row['recall_at_10']:.3f} | {versus_bare} | {versus_unfiltered} | "
-                f"{row['p50_ms'] / size['stream_bound_ms']:.2f} |")
+                f"{row['p50_ms'] / size['stream_bound_ms']:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -407,8 +543,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=100, help="timed queries per configuration")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        work = Path(work)
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
         index_result, http = None, []
         if args.archive:
             index_result = indexing(args.archive, args.model, args.workers, work)
@@ -417,8 +553,11 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if sizes:
         plot(sizes, RESULTS / "speed-latency.png")
-    publish("speed", {"indexing": index_result, "http": http, "search": sizes},
-            markdown(index_result, http, sizes, "benchmarks/results/speed-latency.png"))
+    publish(
+        "speed",
+        {"indexing": index_result, "http": http, "search": sizes},
+        markdown(index_result, http, sizes, "benchmarks/results/speed-latency.png"),
+    )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ from __future__ import annotations
 import enum
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated
 
 import cv2
 import typer
@@ -22,8 +23,7 @@ db_app = typer.Typer(help="The search index: statistics and failures.", no_args_
 app.add_typer(db_app, name="db")
 
 
-
-class CodeSourceOption(str, enum.Enum):
+class CodeSourceOption(enum.StrEnum):
     """`cbmir.index.CodeSource` as a typer choice."""
 
     best = "best"
@@ -67,8 +67,8 @@ def preprocess(
     preset: Annotated[str, typer.Option(help="Table I preset: {resize,repetitive,constant}-{plain,enhanced}.")] = (
         "constant-enhanced"
     ),
-    size: Annotated[Optional[int], typer.Option(help="Output side in pixels (the preset's 512 if not given).")] = None,
-    interpolation: Annotated[Optional[str], typer.Option(help="nearest, linear, area, cubic or lanczos.")] = None,
+    size: Annotated[int | None, typer.Option(help="Output side in pixels (the preset's 512 if not given).")] = None,
+    interpolation: Annotated[str | None, typer.Option(help="nearest, linear, area, cubic or lanczos.")] = None,
 ) -> None:
     """Write preprocessed images for inspection. Colour PNGs show the layers as red = original,
     green = CLAHE, blue = non-local means; a pipeline record is written beside them as preprocessing.json."""
@@ -79,8 +79,10 @@ def preprocess(
     pipeline = make_preset(preset, **overrides)
     if not source.exists():
         raise CbmirError(f"{source}: no such file or folder")
-    files = [source] if source.is_file() else sorted(
-        path for path in source.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    files = (
+        [source]
+        if source.is_file()
+        else sorted(path for path in source.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
     )
     if not files:
         raise CbmirError(f"{source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
@@ -106,8 +108,12 @@ def preprocess(
 @app.command()
 @reports_errors
 def dataset(
-    path: Annotated[Path, typer.Argument(help="An archive in a supported layout (IRMA folder, class folders, DICOM tree, .npz).")],
-    table: Annotated[Optional[Path], typer.Option(help="NIH ChestX-ray14 label table (Data_Entry CSV, .gz allowed).")] = None,
+    path: Annotated[
+        Path, typer.Argument(help="An archive in a supported layout (IRMA folder, class folders, DICOM tree, .npz).")
+    ],
+    table: Annotated[
+        Path | None, typer.Option(help="NIH ChestX-ray14 label table (Data_Entry CSV, .gz allowed).")
+    ] = None,
 ) -> None:
     """Read an archive and report its records, classes, splits and every problem found (missing files,
     duplicate ids, unknown labels, invalid codes). Exits 1 when there are problems."""
@@ -119,9 +125,8 @@ def dataset(
         raise typer.Exit(1)
 
 
-@functools.cache
 def _settings():
-    """The CLI's defaults from the environment (see `cbmir.settings`), read once."""
+    """The CLI's defaults from the environment (see `cbmir.settings`)."""
     from cbmir.settings import Settings, load_settings
 
     return load_settings(Settings)
@@ -134,12 +139,12 @@ def _start_torch() -> None:
     set_threads(_settings().threads)
 
 
-def _tables_folder(folder: Optional[Path]) -> Optional[Path]:
+def _tables_folder(folder: Path | None) -> Path | None:
     """The code tables folder given, else $CBMIR_IRMA_TABLES, else None."""
     return folder or _settings().irma_tables
 
 
-def _tables(folder: Optional[Path]):
+def _tables(folder: Path | None):
     """IRMA code tables from `folder` or $CBMIR_IRMA_TABLES, or None (with a note) when neither has them."""
     from cbmir.irma import CodeTables, CodeTablesNotFoundError
 
@@ -156,10 +161,10 @@ def _tables(folder: Optional[Path]):
 
 
 TablesOption = Annotated[
-    Optional[Path], typer.Option(help="Folder with the IRMA code tables A.csv..D.csv (default: $CBMIR_IRMA_TABLES).")
+    Path | None, typer.Option(help="Folder with the IRMA code tables A.csv..D.csv (default: $CBMIR_IRMA_TABLES).")
 ]
 NihTableOption = Annotated[
-    Optional[Path], typer.Option("--nih-table", help="NIH ChestX-ray14 label table, for an NIH image folder.")
+    Path | None, typer.Option("--nih-table", help="NIH ChestX-ray14 label table, for an NIH image folder.")
 ]
 
 
@@ -168,28 +173,39 @@ NihTableOption = Annotated[
 def train(
     data: Annotated[Path, typer.Argument(help="Training archive in a supported layout.")],
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write.")],
-    recipe: Annotated[Optional[str], typer.Option(help="Start from a recipe: cpu-default or a paper's settings.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="JSON file of training settings (may name a recipe).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Registry model name (cbmir models).")] = None,
-    task: Annotated[Optional[str], typer.Option(help="auto, single-label, multi-label or irma-axes.")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="heads (frozen trunk, fast), finetune or full.")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preprocessing preset, e.g. constant-enhanced.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (of the heads stage in heads/finetune mode).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam, adamw or sgd.")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="packaged, none, or a trunk weights file.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Start from a recipe: cpu-default or a paper's settings.")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON file of training settings (may name a recipe).")] = None,
+    model: Annotated[str | None, typer.Option(help="Registry model name (cbmir models).")] = None,
+    task: Annotated[str | None, typer.Option(help="auto, single-label, multi-label or irma-axes.")] = None,
+    mode: Annotated[str | None, typer.Option(help="heads (frozen trunk, fast), finetune or full.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Preprocessing preset, e.g. constant-enhanced.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (of the heads stage in heads/finetune mode).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam, adamw or sgd.")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="packaged, none, or a trunk weights file.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in OUT.")] = False,
     tables: TablesOption = None,
     nih_table: NihTableOption = None,
 ) -> None:
     """Train a model and write a checkpoint folder (weights, model card, plots, evaluation reports)."""
     from cbmir.datasets import open_dataset
-    from cbmir.train import TrainConfig, make_config, train as run_training
+    from cbmir.train import TrainConfig, make_config
+    from cbmir.train import train as run_training
 
-    given = dict(model=model, task=task, mode=mode, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr,
-                 optimizer=optimizer, pretrained=pretrained, seed=seed)
+    given = dict(
+        model=model,
+        task=task,
+        mode=mode,
+        preset=preset,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        pretrained=pretrained,
+        seed=seed,
+    )
     overrides = {key: value for key, value in given.items() if value is not None}
     settings = TrainConfig.from_file(config, **overrides) if config else make_config(recipe, **overrides)
     dataset = open_dataset(data, **({"table": nih_table} if nih_table else {}))
@@ -215,7 +231,7 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
     data: Annotated[Path, typer.Argument(help="Labelled archive in a supported layout.")],
     out: Annotated[Path, typer.Option(help="Folder for the reports and plots.")] = Path("evaluation"),
-    split: Annotated[Optional[str], typer.Option(help="Only this split of the archive (train, validation, test).")] = None,
+    split: Annotated[str | None, typer.Option(help="Only this split of the archive (train, validation, test).")] = None,
     tables: TablesOption = None,
     nih_table: NihTableOption = None,
 ) -> None:
@@ -254,7 +270,9 @@ def index(
     db: DbOption,
     workers: Annotated[int, typer.Option(min=1, help="Processes reading and preprocessing images.")] = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch and per write transaction.")] = 32,
-    index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string (Flat, HNSW32, IVF1024,Flat) or auto.")] = None,
+    index_type: Annotated[
+        str | None, typer.Option(help="FAISS factory string (Flat, HNSW32, IVF1024,Flat) or auto.")
+    ] = None,
     nih_table: NihTableOption = None,
 ) -> None:
     """Index an archive: embeddings and predicted codes into the search index. Re-running skips what is
@@ -267,8 +285,9 @@ def index(
     embedder = Embedder.load(model, batch_size=batch_size)
     name, records = read_archive(archive, **({"table": nih_table} if nih_table else {}))
     with Retrieval.open(db, embedder, index_type=index_type) as retrieval:
-        summary = index_records(records, retrieval, dataset=name, workers=workers, batch_size=batch_size,
-                                max_pixels=_settings().max_pixels)
+        summary = index_records(
+            records, retrieval, dataset=name, workers=workers, batch_size=batch_size, max_pixels=_settings().max_pixels
+        )
         typer.echo(summary.text())
         if summary.failed:
             typer.echo(f"failure report: cbmir db failures --db {db}")
@@ -281,14 +300,16 @@ def search(
     db: DbOption,
     model: Annotated[Path, typer.Option(help="Checkpoint folder the index was built with.")],
     k: Annotated[int, typer.Option("-k", min=1, help="Number of neighbours.")] = 10,
-    anatomy: Annotated[Optional[str], typer.Option(help="IRMA anatomical prefix, e.g. 9 (any leg region).")] = None,
-    biology: Annotated[Optional[str], typer.Option(help="IRMA biological prefix, e.g. 7 (musculoskeletal).")] = None,
-    technical: Annotated[Optional[str], typer.Option(help="IRMA technical prefix.")] = None,
-    directional: Annotated[Optional[str], typer.Option(help="IRMA directional prefix.")] = None,
-    code: Annotated[Optional[str], typer.Option(help="A full IRMA code.")] = None,
-    on: Annotated[CodeSourceOption, typer.Option(help="Filter on the best (true where known), true or predicted code.")] = CodeSourceOption.best,
-    dataset: Annotated[Optional[str], typer.Option(help="Only images of this dataset.")] = None,
-    label: Annotated[Optional[str], typer.Option(help="Only images with this label or finding.")] = None,
+    anatomy: Annotated[str | None, typer.Option(help="IRMA anatomical prefix, e.g. 9 (any leg region).")] = None,
+    biology: Annotated[str | None, typer.Option(help="IRMA biological prefix, e.g. 7 (musculoskeletal).")] = None,
+    technical: Annotated[str | None, typer.Option(help="IRMA technical prefix.")] = None,
+    directional: Annotated[str | None, typer.Option(help="IRMA directional prefix.")] = None,
+    code: Annotated[str | None, typer.Option(help="A full IRMA code.")] = None,
+    on: Annotated[
+        CodeSourceOption, typer.Option(help="Filter on the best (true where known), true or predicted code.")
+    ] = CodeSourceOption.best,
+    dataset: Annotated[str | None, typer.Option(help="Only images of this dataset.")] = None,
+    label: Annotated[str | None, typer.Option(help="Only images with this label or finding.")] = None,
     tables: TablesOption = None,
 ) -> None:
     """Find the radiographs most similar to IMAGE, with the predicted code in words."""
@@ -297,8 +318,16 @@ def search(
     from cbmir.index import Filters
     from cbmir.search import Retrieval
 
-    filters = Filters(technical=technical, directional=directional, anatomy=anatomy, biology=biology, code=code,
-                      on=on.value, dataset=dataset, label=label)
+    filters = Filters(
+        technical=technical,
+        directional=directional,
+        anatomy=anatomy,
+        biology=biology,
+        code=code,
+        on=on.value,
+        dataset=dataset,
+        label=label,
+    )
     pixels = read_image(image, max_pixels=_settings().max_pixels).pixels
     code_tables = _tables(tables)
     _start_torch()
@@ -320,10 +349,16 @@ def search(
 @app.command()
 @reports_errors
 def quickstart(
-    data: Annotated[Optional[Path], typer.Option(help="Archive in any supported layout (default: a small synthetic set).")] = None,
-    work: Annotated[Path, typer.Option(help="Working folder: model, index, token. A second run reuses it.")] = Path("cbmir-work"),
+    data: Annotated[
+        Path | None, typer.Option(help="Archive in any supported layout (default: a small synthetic set).")
+    ] = None,
+    work: Annotated[Path, typer.Option(help="Working folder: model, index, token. A second run reuses it.")] = Path(
+        "cbmir-work"
+    ),
     tables: TablesOption = None,
-    mode: Annotated[str, typer.Option(help="Training mode: heads (minutes) or finetune (longer, a little better).")] = "heads",
+    mode: Annotated[
+        str, typer.Option(help="Training mode: heads (minutes) or finetune (longer, a little better).")
+    ] = "heads",
     host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     serve: Annotated[bool, typer.Option(help="Start the service at the end.")] = True,
@@ -342,15 +377,38 @@ def quickstart(
 def serve(
     db: DbOption,
     model: Annotated[Path, typer.Option(help="Checkpoint folder the index was built with.")],
-    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default 127.0.0.1); without a token only loopback is allowed.")] = None,
-    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (default 8000).")] = None,
-    token_file: Annotated[Optional[Path], typer.Option(help="File whose first line is the bearer token (default: $CBMIR_TOKEN).")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to listen on (default 127.0.0.1); without a token only loopback is allowed."),
+    ] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default 8000).")] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="File whose first line is the bearer token (default: $CBMIR_TOKEN).")
+    ] = None,
     tables: TablesOption = None,
-    max_upload_mb: Annotated[Optional[float], typer.Option(min=0.01, help="Largest request body, in MiB (default 64).")] = None,
-    max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Largest image, in pixels, checked before decoding (default: $CBMIR_MAX_PIXELS or 50,000,000).")] = None,
-    allow_originals: Annotated[Optional[bool], typer.Option("--allow-originals/--thumbnails-only", help="Serve original files, not only thumbnails (default: thumbnails only).")] = None,
-    cors_origin: Annotated[Optional[list[str]], typer.Option(help="A web origin allowed to call the API (repeatable).")] = None,
-    keep_dicom_tag: Annotated[Optional[list[str]], typer.Option(help="A DICOM tag to store with uploads besides the technical ones (repeatable).")] = None,
+    max_upload_mb: Annotated[
+        float | None, typer.Option(min=0.01, help="Largest request body, in MiB (default 64).")
+    ] = None,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Largest image, in pixels, checked before decoding (default: $CBMIR_MAX_PIXELS or 50,000,000)."
+        ),
+    ] = None,
+    allow_originals: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-originals/--thumbnails-only",
+            help="Serve original files, not only thumbnails (default: thumbnails only).",
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None, typer.Option(help="A web origin allowed to call the API (repeatable).")
+    ] = None,
+    keep_dicom_tag: Annotated[
+        list[str] | None,
+        typer.Option(help="A DICOM tag to store with uploads besides the technical ones (repeatable)."),
+    ] = None,
 ) -> None:
     """Start the query service: the HTTP API (/v1, docs at /docs) and the web page (/). Every option can also
     be set as an environment variable CBMIR_<SETTING> (CBMIR_TOKEN, CBMIR_MAX_PIXELS, ...)."""
@@ -358,10 +416,17 @@ def serve(
     from cbmir.settings import load_settings
 
     settings = load_settings(
-        ServiceSettings, db=_existing_index(db), model=model, irma_tables=tables, host=host, port=port,
+        ServiceSettings,
+        db=_existing_index(db),
+        model=model,
+        irma_tables=tables,
+        host=host,
+        port=port,
         token=read_token_file(token_file) if token_file else None,
-        max_upload_bytes=int(max_upload_mb * MEGABYTE) if max_upload_mb else None, max_pixels=max_pixels,
-        allow_originals=allow_originals, cors_origins=tuple(cors_origin) if cors_origin else None,
+        max_upload_bytes=int(max_upload_mb * MEGABYTE) if max_upload_mb else None,
+        max_pixels=max_pixels,
+        allow_originals=allow_originals,
+        cors_origins=tuple(cors_origin) if cors_origin else None,
         dicom_tags=tuple(keep_dicom_tag) if keep_dicom_tag else None,
     )
     _run_service(settings)
@@ -419,14 +484,17 @@ def list_registered_models() -> None:
 def irma_decode(
     code: Annotated[str, typer.Argument(help="An IRMA code, e.g. 1121-127-700-500 (dashes optional, * = not known).")],
     tables: Annotated[
-        Optional[Path], typer.Option(help="Folder with the IRMA tables A.csv..D.csv (default: $CBMIR_IRMA_TABLES).")
+        Path | None, typer.Option(help="Folder with the IRMA tables A.csv..D.csv (default: $CBMIR_IRMA_TABLES).")
     ] = None,
 ) -> None:
     """Print an IRMA code in words, axis by axis, from the most general level to the most specific."""
-    from cbmir.irma import CodeTables, IrmaCode
+    from cbmir.irma import TABLES_ENV, CodeTables, IrmaCode
 
     parsed = IrmaCode.parse(code)
-    code_tables = CodeTables.load(tables)
+    folder = _tables_folder(tables)
+    if folder is None:
+        raise CbmirError(f"no IRMA code tables: give their folder with --tables or set {TABLES_ENV}")
+    code_tables = CodeTables.load(folder)
     typer.echo(str(parsed))
     for axis, texts in code_tables.decode(parsed).items():
         typer.echo(f"  {axis:<12} {parsed[axis]:<5} {', '.join(texts)}")

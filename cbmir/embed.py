@@ -24,8 +24,8 @@ import torch
 
 from cbmir.checkpoint import Checkpoint, load_checkpoint
 from cbmir.imaging.preprocess import Preprocessing
-from cbmir.stamp import ModelStamp
 from cbmir.labels import LabelSchema, Prediction, decode_predictions, probabilities_from_logits
+from cbmir.stamp import ModelStamp
 
 T = TypeVar("T")
 
@@ -76,7 +76,8 @@ class Embedder:
         self.irma_threshold = checkpoint.irma_threshold
         self.batch_size = batch_size
         self.device = default_device()
-        self._model = checkpoint.model.eval().to(self.device, memory_format=torch.channels_last)
+        model = checkpoint.model.eval().to(self.device)
+        self._model = model.to(memory_format=torch.channels_last)
         self.stamp = ModelStamp(checkpoint.stamp, self._model.embedding_dim)
         self._lock = threading.Lock()
 

@@ -20,6 +20,7 @@ from cbmir.labels import LABEL_HEAD, decode_predictions
 from cbmir.metrics import classification_report, irma_report, multilabel_report, plot_confusion_matrix, write_report
 from cbmir.prepared import PreparedImages, prepare_images
 
+
 class EvaluationError(CbmirError):
     """Nothing to evaluate, or data that does not fit the checkpoint."""
 
@@ -41,10 +42,12 @@ def choose_irma_threshold(checkpoint: Checkpoint, part: PreparedImages, tables: 
     scores = {}
     for threshold in THRESHOLDS:
         predicted = decode_predictions(checkpoint.schema, probabilities, irma_threshold=float(threshold))
-        scores[float(threshold)] = run_error_score(zip(truth, [p.label for p in predicted]), tables)
+        scores[float(threshold)] = run_error_score(zip(truth, [p.label for p in predicted], strict=True), tables)
     best = min(scores, key=lambda t: (scores[t], t))
-    return best, (f"chosen on {len(truth)} validation images: error score {scores[best]:.3f} at threshold {best} "
-                  f"(never stopping: {scores[0.0]:.3f})")
+    return best, (
+        f"chosen on {len(truth)} validation images: error score {scores[best]:.3f} at threshold {best} "
+        f"(never stopping: {scores[0.0]:.3f})"
+    )
 
 
 def evaluate_images(
@@ -66,13 +69,21 @@ def evaluate_images(
         headline["loss"] = 0.0
         for head in heads:
             section = "classification" if head == LABEL_HEAD else f"axis-{head}"
-            sections[section] = _head_report(schema.heads[head], [lab[0] for lab in labels], probabilities[head],
-                                             axis=None if head == LABEL_HEAD else head)
+            sections[section] = _head_report(
+                schema.heads[head],
+                [lab[0] for lab in labels],
+                probabilities[head],
+                axis=None if head == LABEL_HEAD else head,
+            )
             headline["loss"] += sections[section]["log_loss"]
         headline["accuracy"] = sections["classification"]["accuracy"] if "classification" in sections else None
         shown = "classification" if "classification" in sections else "axis-anatomical"
-        plot_confusion_matrix(np.array(sections[shown]["confusion_matrix"]), sections[shown]["classes"],
-                              out / f"{name}-confusion.png", title=f"{name}: {shown}")
+        plot_confusion_matrix(
+            np.array(sections[shown]["confusion_matrix"]),
+            sections[shown]["classes"],
+            out / f"{name}-confusion.png",
+            title=f"{name}: {shown}",
+        )
     if schema.task == "irma-axes" or (schema.task == "single-label" and _all_irma(labels)):
         # Accuracy counts the most likely code; the error score is that of the prediction as given, which may
         # stop early with '*' (the checkpoint's threshold), when it does.
@@ -108,8 +119,14 @@ def _all_irma(labels) -> bool:
         return False
 
 
-def evaluate_dataset(checkpoint: Checkpoint, dataset: Dataset, out: Path, tables: CodeTables | None,
-                     split: str | None = None, name: str = "evaluation") -> dict[str, Any]:
+def evaluate_dataset(
+    checkpoint: Checkpoint,
+    dataset: Dataset,
+    out: Path,
+    tables: CodeTables | None,
+    split: str | None = None,
+    name: str = "evaluation",
+) -> dict[str, Any]:
     """Evaluate on a dataset read by `cbmir.datasets`, or on one split of it: the dataset's own split, or
     for a dataset without one, the split the checkpoint was trained with (its split.json)."""
     records = dataset.records

@@ -11,8 +11,8 @@ every position after an unknown one as unknown anyway.
 
 Parsing, prefix matching and the code structure need nothing but the code. Turning codes into text and
 counting the branches for the error score need the IRMA code tables (``A.csv`` .. ``D.csv``), which are
-IRMA project data that cbmir does not ship: pass their folder to `CodeTables.load` or set
-``CBMIR_IRMA_TABLES``.
+IRMA project data that cbmir does not ship: pass their folder to `CodeTables.load` (the programs
+take it from ``--tables`` or ``CBMIR_IRMA_TABLES``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ AXES = ("technical", "directional", "anatomical", "biological")
 AXIS_ALIASES = {"t": "technical", "d": "directional", "a": "anatomical", "b": "biological"}
 AXIS_LENGTHS = {"technical": 4, "directional": 3, "anatomical": 3, "biological": 3}
 TABLE_FILES = {"technical": "A.csv", "directional": "B.csv", "anatomical": "C.csv", "biological": "D.csv"}
-TABLES_ENV = "CBMIR_IRMA_TABLES"
+TABLES_ENV = "CBMIR_IRMA_TABLES"  # named in messages; read by cbmir.settings
 
 NOT_KNOWN = "*"
 _CODE_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")
@@ -264,17 +264,10 @@ class CodeTables:
     tables: Mapping[str, AxisTable]
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str] | None = None) -> CodeTables:
-        """Load ``A.csv`` .. ``D.csv`` from `folder`, or from ``$CBMIR_IRMA_TABLES`` when no folder is given."""
+    def load(cls, folder: str | os.PathLike[str]) -> CodeTables:
+        """Load ``A.csv`` .. ``D.csv`` from `folder` (programs take it from ``--tables`` or
+        ``$CBMIR_IRMA_TABLES``, through `cbmir.settings`)."""
         where = f"the folder {folder}"
-        if folder is None:
-            folder = os.environ.get(TABLES_ENV)
-            where = f"${TABLES_ENV} ({folder})"
-            if not folder:
-                raise CodeTablesNotFoundError(
-                    f"no IRMA code tables: no folder was given and {TABLES_ENV} is not set. Put the IRMA "
-                    f"tables {_file_list()} in one folder and pass it, or set {TABLES_ENV} to that folder"
-                )
         base = Path(folder).expanduser()
         missing = [name for name in TABLE_FILES.values() if not (base / name).is_file()]
         if missing:

@@ -36,8 +36,16 @@ class QuickstartError(CbmirError):
     """A working folder that belongs to another archive, or an archive that cannot be used."""
 
 
-def prepare(work: Path, data: Path | None, tables_folder: Path | None, *, say: Callable[[str], None] = print,
-            mode: str = "heads", host: str = "127.0.0.1", port: int = 8000) -> ServiceSettings:
+def prepare(
+    work: Path,
+    data: Path | None,
+    tables_folder: Path | None,
+    *,
+    say: Callable[[str], None] = print,
+    mode: str = "heads",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> ServiceSettings:
     """Do (or reuse) every step up to serving; returns the service settings, with the token. The IRMA code
     tables, when given, let training choose where predictions stop with '*' and the service show words."""
     tables = CodeTables.load(tables_folder) if tables_folder else None
@@ -47,8 +55,10 @@ def prepare(work: Path, data: Path | None, tables_folder: Path | None, *, say: C
         data = work / "synthetic-archive"
         if not (data / "codes.csv").exists():
             write_synthetic_archive(data, per_kind=SYNTHETIC_PER_KIND)
-        say(f"no --data given: using {SYNTHETIC_PER_KIND * 3} SYNTHETIC phantoms (drawn shapes, not medical "
-            f"images) in {data}, so that the whole flow can be seen")
+        say(
+            f"no --data given: using {SYNTHETIC_PER_KIND * 3} SYNTHETIC phantoms (drawn shapes, not medical "
+            f"images) in {data}, so that the whole flow can be seen"
+        )
     data = Path(data).absolute()
     dataset = open_dataset(data)  # before claiming the folder: an unreadable archive must not claim it
     _claim(work, data)
@@ -57,16 +67,25 @@ def prepare(work: Path, data: Path | None, tables_folder: Path | None, *, say: C
     for part in ("validation", "test"):
         figures = checkpoint.card.get("metrics", {}).get(part)
         if figures:
-            say(f"{part}: " + ", ".join(f"{key} {value:.3f}" for key, value in figures.items()
-                                        if isinstance(value, float)))
+            say(
+                f"{part}: "
+                + ", ".join(f"{key} {value:.3f}" for key, value in figures.items() if isinstance(value, float))
+            )
 
     name, records = read_archive(data)
     with Retrieval.open(work / "index", Embedder(checkpoint)) as retrieval:
         say(f"indexing {len(records)} images into {work / 'index'} (already indexed ones are skipped)")
         summary = index_records(records, retrieval, dataset=name)
         say(summary.text())
-    return load_settings(ServiceSettings, db=work / "index", model=work / "model", irma_tables=tables_folder,
-                         token=_token(work), host=host, port=port)
+    return load_settings(
+        ServiceSettings,
+        db=work / "index",
+        model=work / "model",
+        irma_tables=tables_folder,
+        token=_token(work),
+        host=host,
+        port=port,
+    )
 
 
 def _claim(work: Path, data: Path) -> None:
@@ -74,8 +93,10 @@ def _claim(work: Path, data: Path) -> None:
     if state.exists():
         recorded = json.loads(state.read_text()).get("data")
         if recorded != str(data):
-            raise QuickstartError(f"the working folder {work} was made for the archive {recorded}, not {data}: "
-                                  f"give another --work folder for this archive")
+            raise QuickstartError(
+                f"the working folder {work} was made for the archive {recorded}, not {data}: "
+                f"give another --work folder for this archive"
+            )
     else:
         state.write_text(json.dumps({"data": str(data)}, indent=2) + "\n")
 

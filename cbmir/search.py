@@ -101,7 +101,7 @@ class Retrieval:
         embeddings = self.embedder.embed_inputs([image.model_input for image in images])
         entries = [
             _entry(image, vector, prediction)
-            for image, vector, prediction in zip(images, embeddings.vectors, embeddings.predictions)
+            for image, vector, prediction in zip(images, embeddings.vectors, embeddings.predictions, strict=True)
         ]
         written = time.perf_counter()
         ids = self.engine.add(entries)

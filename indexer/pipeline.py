@@ -104,11 +104,23 @@ def map_record(record: Record) -> Mapped:
         reason = str(error) if isinstance(error, ImageReadError) else f"cannot read {record.path}: {error.strerror}"
         return Mapped(record, failure=reason, read_seconds=time.perf_counter() - started)
     read_done = time.perf_counter()
-    prepared = PreparedImage(location(record), content_hash, _worker.pipeline(pixels), width=int(pixels.shape[1]),
-                             height=int(pixels.shape[0]), dataset=_worker.dataset, labels=tuple(record.labels),
-                             extra={**dict(record.extra), **extra})
-    return Mapped(record, content_hash, prepared, read_seconds=read_done - started,
-                  preprocess_seconds=time.perf_counter() - read_done)
+    prepared = PreparedImage(
+        location(record),
+        content_hash,
+        _worker.pipeline(pixels),
+        width=int(pixels.shape[1]),
+        height=int(pixels.shape[0]),
+        dataset=_worker.dataset,
+        labels=tuple(record.labels),
+        extra={**dict(record.extra), **extra},
+    )
+    return Mapped(
+        record,
+        content_hash,
+        prepared,
+        read_seconds=read_done - started,
+        preprocess_seconds=time.perf_counter() - read_done,
+    )
 
 
 @dataclass
@@ -116,16 +128,22 @@ class Summary:
     indexed: int = 0
     skipped: int = 0
     failed: Counter = field(default_factory=Counter)
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("read", "preprocess", "model", "write"), 0.0))
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("read", "preprocess", "model", "write"), 0.0)
+    )
     wall_seconds: float = 0.0
 
     def text(self) -> str:
-        lines = [f"indexed {self.indexed}, skipped {self.skipped} (already indexed), failed {sum(self.failed.values())}"]
+        lines = [
+            f"indexed {self.indexed}, skipped {self.skipped} (already indexed), failed {sum(self.failed.values())}"
+        ]
         lines += [f"  failed, {reason}: {count}" for reason, count in self.failed.most_common()]
         stages = ", ".join(f"{stage} {value:.1f}" for stage, value in self.seconds.items())
         rate = self.indexed / self.wall_seconds if self.wall_seconds else 0.0
-        lines.append(f"seconds per stage (read and preprocess summed over workers): {stages}; "
-                     f"wall {self.wall_seconds:.1f} s, {rate:.1f} images/s")
+        lines.append(
+            f"seconds per stage (read and preprocess summed over workers): {stages}; "
+            f"wall {self.wall_seconds:.1f} s, {rate:.1f} images/s"
+        )
         return "\n".join(lines)
 
 
@@ -135,13 +153,20 @@ def failure_kind(reason: str) -> str:
     return tail.split(" (")[0].split(";")[0][:60]
 
 
-def index_records(records: Sequence[Record], retrieval: Retrieval, *, dataset: str, workers: int = 2,
-                  batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> Summary:
+def index_records(
+    records: Sequence[Record],
+    retrieval: Retrieval,
+    *,
+    dataset: str,
+    workers: int = 2,
+    batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> Summary:
     """Index `records` into `retrieval`'s index with its model; returns the run's summary. An image file
     above `max_pixels` is a failure, found in its header before decoding."""
     summary, started = Summary(), time.perf_counter()
-    state = _WorkerState(frozenset(retrieval.engine.content_hashes()), retrieval.embedder.pipeline, dataset,
-                         max_pixels)
+    state = _WorkerState(frozenset(retrieval.engine.content_hashes()), retrieval.embedder.pipeline, dataset, max_pixels)
     bar = tqdm(total=len(records), desc="index", unit="img", disable=not progress)
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(state,)) as pool:
         mapped = pool.map(map_record, records, chunksize=4)

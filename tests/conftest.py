@@ -11,9 +11,7 @@ from cbmir.imaging.preprocess import preset
 from cbmir.labels import LabelSchema
 from cbmir.models import create_model
 
-SHARED_DATA = Path(
-    os.environ.get("CBMIR_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
+SHARED_DATA = Path(os.environ.get("CBMIR_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def shared_path(relative: str) -> Path:

@@ -19,7 +19,7 @@ def test_synthetic_then_preprocess_writes_layered_pngs(tmp_path):
     written = sorted(out.glob("*.png"))
     assert len(written) == 6
     colour = cv2.imread(str(written[0]), cv2.IMREAD_UNCHANGED)
-    assert colour.shape == (64, 64, 3)
+    assert colour is not None and colour.shape == (64, 64, 3)
     assert not np.array_equal(colour[..., 2], colour[..., 1])  # red (original) differs from green (CLAHE)
     assert '"size": 64' in (out / "preprocessing.json").read_text()
 

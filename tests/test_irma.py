@@ -21,6 +21,7 @@ from cbmir.irma import (
     matches,
     run_error_score,
 )
+from cbmir.settings import Settings, load_settings
 from tests.conftest import shared_path
 
 
@@ -157,21 +158,12 @@ def test_missing_tables_say_where_to_put_them(tmp_path):
     assert TABLES_ENV in message
 
 
-def test_missing_tables_without_folder_or_environment(monkeypatch):
-    monkeypatch.delenv(TABLES_ENV, raising=False)
-    with pytest.raises(CodeTablesNotFoundError, match=f"no folder was given and {TABLES_ENV} is not set"):
-        CodeTables.load()
-
-
-def test_environment_folder_without_tables(monkeypatch, tmp_path):
-    monkeypatch.setenv(TABLES_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(CodeTablesNotFoundError, match=rf"\${TABLES_ENV} \(.*nowhere\): missing A.csv"):
-        CodeTables.load()
-
-
-def test_tables_from_environment(monkeypatch):
+def test_tables_folder_from_the_environment_through_the_settings(monkeypatch):
     monkeypatch.setenv(TABLES_ENV, str(shared_path("irma-code-tables")))
-    assert CodeTables.load().describe("1121-127-700-500").startswith("x-ray")
+    folder = load_settings(Settings).irma_tables
+    assert folder is not None and CodeTables.load(folder).describe("1121-127-700-500").startswith("x-ray")
+    monkeypatch.delenv(TABLES_ENV)
+    assert load_settings(Settings).irma_tables is None
 
 
 def test_everything_but_decoding_works_without_tables(tmp_path):

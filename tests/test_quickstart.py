@@ -4,6 +4,7 @@ the service answering with the printed token; a second run reuses everything; an
 import os
 import stat
 
+import pytest
 from typer.testing import CliRunner
 
 from cbmir.cli import app
@@ -12,10 +13,11 @@ from cbmir.synthetic import write_synthetic_archive
 from tests.service.conftest import start
 
 
+@pytest.mark.slow
 def test_quickstart_trains_indexes_serves_and_reuses(tmp_path):
     archive = write_synthetic_archive(tmp_path / "archive", per_kind=5, longest_side=96)
     work = tmp_path / "work"
-    messages = []
+    messages: list[str] = []
     settings = prepare(work, archive, None, say=messages.append)
     assert any(message.startswith("training the default CPU model") for message in messages)
     assert stat.S_IMODE(os.stat(work / "token").st_mode) == 0o600
@@ -23,15 +25,18 @@ def test_quickstart_trains_indexes_serves_and_reuses(tmp_path):
         with running.client(settings.token) as client:
             stats = client.get("/v1/stats").json()
             assert stats["images"] == 15 and stats["task"] == "irma-axes"
-            assert client.get("/v1/stats", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+            assert (
+                client.get("/v1/stats", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+            )
 
-    again = []
+    again: list[str] = []
     assert prepare(work, archive, None, say=again.append).token == settings.token
     assert f"reusing the trained model in {work / 'model'}" in again
     assert any(message.startswith("indexed 0, skipped 15") for message in again)
 
-    missing = CliRunner().invoke(app, ["quickstart", "--data", str(tmp_path / "nowhere"), "--work",
-                                       str(tmp_path / "fresh-work"), "--no-serve"])
+    missing = CliRunner().invoke(
+        app, ["quickstart", "--data", str(tmp_path / "nowhere"), "--work", str(tmp_path / "fresh-work"), "--no-serve"]
+    )
     assert missing.exit_code == 2 and "nowhere" in missing.output
     assert not (tmp_path / "fresh-work" / "quickstart.json").exists()  # a bad archive claims no folder
 

@@ -19,8 +19,9 @@ from cbmir.search import PreparedImage, Retrieval
 def make_embedder(seed: int = 0, embedding_dim: int = 16, batch_size: int = 5) -> Embedder:
     torch.manual_seed(seed)
     model = create_model("chest-cnn-chowdhury", {"label": 2}, embedding_dim=embedding_dim)
-    card = new_card(model, LabelSchema("single-label", {"label": ("normal", "pneumonia")}),
-                    Preprocessing(size=64, enhanced=False))
+    card = new_card(
+        model, LabelSchema("single-label", {"label": ("normal", "pneumonia")}), Preprocessing(size=64, enhanced=False)
+    )
     card["created"] = f"2024-01-0{seed + 1}T00:00:00+00:00"  # two embedders made in the same second differ
     return Embedder(Checkpoint(model, card), batch_size=batch_size)
 
@@ -31,10 +32,18 @@ def radiographs(count: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def prepared(embedder: Embedder, images: list[np.ndarray], dataset: str = "chest") -> list[PreparedImage]:
-    return [PreparedImage(location=f"/x/{i}.png", content_hash=f"{i:064x}", model_input=embedder.prepare(image),
-                          width=image.shape[1], height=image.shape[0], dataset=dataset,
-                          labels=("normal",) if i % 2 else ())
-            for i, image in enumerate(images)]
+    return [
+        PreparedImage(
+            location=f"/x/{i}.png",
+            content_hash=f"{i:064x}",
+            model_input=embedder.prepare(image),
+            width=image.shape[1],
+            height=image.shape[0],
+            dataset=dataset,
+            labels=("normal",) if i % 2 else (),
+        )
+        for i, image in enumerate(images)
+    ]
 
 
 def test_embed_inputs_batches_equal_one_run_per_image():
@@ -74,9 +83,8 @@ def test_store_then_search_finds_each_image_first_with_the_embedders_prediction(
 
 def test_a_bad_k_is_refused_before_the_model_runs(tmp_path):
     embedder = make_embedder()
-    with Retrieval.open(tmp_path, embedder) as retrieval:
-        with pytest.raises(QueryError, match="k=0"):
-            retrieval.search_image(np.zeros((10, 10), np.uint8), 0)
+    with Retrieval.open(tmp_path, embedder) as retrieval, pytest.raises(QueryError, match="k=0"):
+        retrieval.search_image(np.zeros((10, 10), np.uint8), 0)
 
 
 def test_an_index_of_another_model_is_refused(tmp_path):

@@ -33,8 +33,10 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from cbmir.errors import CbmirError
 
-DEFAULT_MAX_PIXELS = 100_000_000
-"""Largest width × height accepted by default; checked from the header, before any pixel is decoded."""
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Largest width × height accepted by default (the `max_pixels` setting, ``$CBMIR_MAX_PIXELS``, changes it
+for the indexer, the search command and the service); checked from the header, before any pixel is
+decoded. Twice the largest radiographs in use (a 4k x 6k mammogram is 24 megapixels)."""
 
 _LUMA = (0.299, 0.587, 0.114)
 

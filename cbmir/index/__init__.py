@@ -14,9 +14,9 @@ from cbmir.index.errors import (
     UnknownImageError,
 )
 from cbmir.index.filters import CODE_SOURCES, CodeSource, Filters
-from cbmir.stamp import ModelStamp, describe_identity
 from cbmir.index.store import ImageEntry, ImageRow
 from cbmir.index.vectors import IndexPolicy, automatic_type
+from cbmir.stamp import ModelStamp, describe_identity
 
 __all__ = [
     "CODE_SOURCES",
@@ -26,6 +26,7 @@ __all__ = [
     "DuplicateImageError",
     "Engine",
     "EntryError",
+    "Filters",
     "Hit",
     "ImageEntry",
     "ImageRow",

@@ -23,9 +23,9 @@ import numpy as np
 
 from cbmir.index.errors import EntryError, IndexConfigError, IndexMismatchError, QueryError
 from cbmir.index.filters import Filters
-from cbmir.stamp import ModelStamp, describe_identity, stamp_digest
 from cbmir.index.store import ImageEntry, ImageRow, Store
 from cbmir.index.vectors import INDEX_FILE, MANIFEST_FILE, IndexPolicy, Vectors
+from cbmir.stamp import ModelStamp, describe_identity, stamp_digest
 
 STORE_FILE, LOCK_FILE = "store.sqlite", ".lock"
 MAX_K = 10_000
@@ -77,7 +77,8 @@ class Engine:
 
     def __init__(self, folder: Path, store: Store, vectors: Vectors, lock: int):
         self.folder = folder
-        self._store, self._vectors, self._lock_handle = store, vectors, lock
+        self._store, self._vectors = store, vectors
+        self._lock_handle: int | None = lock  # None once closed
         self._lock = threading.RLock()
         # ids passing recent filters: a radiologist keeps a filter for many queries, and the store query is
         # the larger part of a filtered search over a big archive. Cleared by every add and remove.
@@ -305,8 +306,7 @@ class Engine:
             raise QueryError("the query vector is not an array of numbers") from None
         if self.dimension is not None and query.size != self.dimension:
             raise IndexMismatchError(
-                f"this index was built with model {self._described_model()}; "
-                f"the query vector has {query.size} values"
+                f"this index was built with model {self._described_model()}; the query vector has {query.size} values"
             )
         norm = np.linalg.norm(query)
         if not np.isfinite(query).all() or norm == 0:
@@ -315,7 +315,7 @@ class Engine:
 
     def _hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
         rows = self._store.get(ids.tolist())
-        return [Hit(**vars(row), score=float(score)) for row, score in zip(rows, scores)]
+        return [Hit(**vars(row), score=float(score)) for row, score in zip(rows, scores, strict=True)]
 
     def search_by_id(
         self, image_id: int, k: int = 10, filters: Filters | None = None, *, include_self: bool = True

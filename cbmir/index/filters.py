@@ -12,8 +12,12 @@ from cbmir.irma import IrmaCode, IrmaCodeError, matches
 CodeSource = Literal["best", "true", "predicted"]
 CODE_SOURCES: tuple[CodeSource, ...] = get_args(CodeSource)
 # Filters field -> the IRMA axis its prefix applies to.
-AXIS_FILTERS = {"technical": "technical", "directional": "directional", "anatomy": "anatomical",
-                "biology": "biological"}
+AXIS_FILTERS = {
+    "technical": "technical",
+    "directional": "directional",
+    "anatomy": "anatomical",
+    "biology": "biological",
+}
 _ZERO_CODE = IrmaCode("0000", "000", "000", "000")
 
 

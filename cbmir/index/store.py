@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from cbmir.index.errors import DuplicateImageError, EntryError, IndexConfigError, IndexMismatchError, QueryError, UnknownImageError
+from cbmir.index.errors import (
+    DuplicateImageError,
+    EntryError,
+    IndexConfigError,
+    IndexMismatchError,
+    QueryError,
+    UnknownImageError,
+)
 from cbmir.index.filters import AXIS_FILTERS, Filters
 from cbmir.irma import AXES, AXIS_LENGTHS, IrmaCode, IrmaCodeError
 
@@ -36,6 +43,7 @@ _AXIS_SUFFIX = {"technical": "t", "directional": "d", "anatomical": "a", "biolog
 _IRMA_SHAPE = re.compile("-".join(f"[^-]{{{AXIS_LENGTHS[axis]}}}" for axis in AXES))
 _HASH = re.compile(r"[0-9a-f]{64}")
 _ID_CHUNK = 10_000
+
 
 @dataclass(frozen=True, kw_only=True)
 class ImageEntry:
@@ -85,9 +93,15 @@ _ROW_COLUMNS = tuple(f.name for f in fields(ImageRow))
 
 
 def _image_row(values: Sequence[Any]) -> ImageRow:
-    row = dict(zip(_ROW_COLUMNS, values))
-    return ImageRow(**{**row, "confidences": json.loads(row["confidences"]), "extra": json.loads(row["extra"]),
-                       "labels": tuple(json.loads(row["labels"]))})
+    row = dict(zip(_ROW_COLUMNS, values, strict=True))
+    return ImageRow(
+        **{
+            **row,
+            "confidences": json.loads(row["confidences"]),
+            "extra": json.loads(row["extra"]),
+            "labels": tuple(json.loads(row["labels"])),
+        }
+    )
 
 
 def filter_sql(filters: Filters) -> tuple[str, list[str]]:
@@ -160,7 +174,7 @@ def _json_ids(ids: Iterable[int]) -> str:
     return json.dumps([int(i) for i in ids])
 
 
-def _chunks(values: Sequence, size: int = _ID_CHUNK) -> Iterator[Sequence]:
+def _chunks(values: Sequence[Any] | np.ndarray, size: int = _ID_CHUNK) -> Iterator[Sequence[Any] | np.ndarray]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
 
@@ -247,7 +261,8 @@ class Store:
             raise ValueError(f"embeddings of shape {embeddings.shape} for {len(entries)} entries")
         added_at = _now()
         rows = [
-            _row(number, entry, vector, added_at) for number, (entry, vector) in enumerate(zip(entries, embeddings))
+            _row(number, entry, vector, added_at)
+            for number, (entry, vector) in enumerate(zip(entries, embeddings, strict=True))
         ]
         seen: dict[str, int] = {}
         for number, entry in enumerate(entries):
@@ -277,7 +292,7 @@ class Store:
                         f"(from {stored[known]!r}); skip known files with hashes_present"
                     )
             ids = []
-            for row, entry in zip(rows, entries):
+            for row, entry in zip(rows, entries, strict=True):
                 image_id = self._db.execute(_INSERT, row).lastrowid
                 ids.append(image_id)
                 labels = {label.strip() for label in (row["true_code"], *entry.labels) if label}
@@ -299,7 +314,9 @@ class Store:
             with self._transaction():
                 missing = set(ids) - set(self._present(ids))
                 if missing:
-                    raise UnknownImageError(f"no image with id {', '.join(map(str, sorted(missing)[:10]))} in this index")
+                    raise UnknownImageError(
+                        f"no image with id {', '.join(map(str, sorted(missing)[:10]))} in this index"
+                    )
                 for chunk in _chunks(ids):
                     self._db.execute(
                         "DELETE FROM image_labels WHERE image_id IN (SELECT value FROM json_each(?))",
@@ -322,11 +339,15 @@ class Store:
             if row is None:
                 raise UnknownImageError(f"no image with id {image_id} in this index")
             old, extra_labels = row[0], {label.strip() for label in json.loads(row[1])}
-            self._db.execute(f"UPDATE images SET true_code = ?, {assignments} WHERE id = ?",
-                             (true_code, *true_axes, *true_axes, image_id))
+            self._db.execute(
+                f"UPDATE images SET true_code = ?, {assignments} WHERE id = ?",
+                (true_code, *true_axes, *true_axes, image_id),
+            )
             if old and old not in extra_labels:
                 self._db.execute("DELETE FROM image_labels WHERE label = ? AND image_id = ?", (old, image_id))
-            self._db.execute("INSERT OR IGNORE INTO image_labels (label, image_id) VALUES (?, ?)", (true_code, image_id))
+            self._db.execute(
+                "INSERT OR IGNORE INTO image_labels (label, image_id) VALUES (?, ?)", (true_code, image_id)
+            )
 
     def id_for_hash(self, content_hash: str) -> int | None:
         """The id of the image with this content hash, or None."""
@@ -338,8 +359,9 @@ class Store:
         """How many images have each code on an IRMA axis (of their best code), e.g. {"911": 12, "7**": 3}."""
         column = f"best_{_AXIS_SUFFIX[axis]}"
         with self._lock:
-            return dict(self._db.execute(
-                f"SELECT {column}, count(*) FROM images WHERE {column} IS NOT NULL GROUP BY {column}"))
+            return dict(
+                self._db.execute(f"SELECT {column}, count(*) FROM images WHERE {column} IS NOT NULL GROUP BY {column}")
+            )
 
     def _present(self, ids: Sequence[int]) -> list[int]:
         found = []
@@ -404,7 +426,7 @@ class Store:
         return (row[0] for row in rows)
 
     def iter_embeddings(
-        self, *, after_id: int = 0, batch: int = 4096, ids: Sequence[int] | None = None
+        self, *, after_id: int = 0, batch: int = 4096, ids: Sequence[int] | np.ndarray | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream (ids int64, embeddings float32 n x d) batches in id order: every image after `after_id`,
         or only those of `ids`. Each batch is one short query, so a long stream never holds the lock."""
@@ -537,5 +559,5 @@ def _row(number: int, entry: ImageEntry, vector: np.ndarray, added_at: str) -> d
         "extra": _json(number, entry, "extra", dict(entry.extra)),
         "embedding": vector.tobytes(),
         "added_at": added_at,
-        **dict(zip(_CODE_COLUMNS, [*true_axes, *pred_axes, *best_axes])),
+        **dict(zip(_CODE_COLUMNS, [*true_axes, *pred_axes, *best_axes], strict=True)),
     }

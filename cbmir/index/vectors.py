@@ -34,9 +34,9 @@ import faiss
 import numpy as np
 
 from cbmir.index.errors import IndexConfigError
-from cbmir.stamp import stamp_digest
 from cbmir.index.filters import Filters
 from cbmir.index.store import Store
+from cbmir.stamp import stamp_digest
 
 INDEX_FILE, MANIFEST_FILE = "vectors.faiss", "vectors.json"
 MANIFEST_FORMAT = 1
@@ -156,7 +156,8 @@ class Vectors:
         self.type: str | None = None
         self._last_id = 0  # every stored id up to this one is in the index, unless removed since
         self._unsaved = 0
-        self._gpu = None  # a GPU replica for unfiltered searches, None until made, False when impossible
+        # a GPU replica for unfiltered searches, None until made, False when impossible
+        self._gpu: faiss.Index | bool | None = None
         self._flat: tuple[np.ndarray, np.ndarray] | None = None  # see _flat_view
         for leftover in self.folder.glob(".vectors.*.tmp"):  # from a crash while writing
             leftover.unlink(missing_ok=True)
@@ -171,6 +172,12 @@ class Vectors:
     @property
     def manifest_path(self) -> Path:
         return self.folder / MANIFEST_FILE
+
+    @property
+    def _ready(self) -> faiss.Index:
+        """The index, for the methods that run only once it is loaded, rebuilt or prepared."""
+        assert self.index is not None, "the index is neither loaded nor prepared"
+        return self.index
 
     @property
     def unsaved(self) -> int:
@@ -195,12 +202,12 @@ class Vectors:
             for ids, vectors in self.store.iter_embeddings(after_id=self._last_id):
                 self._add(ids, vectors)
                 caught_up += len(ids)
-            if self.index.ntotal == self.store.count():
+            if self._ready.ntotal == self.store.count():
                 if caught_up:
                     log.info("%s: added %d images stored after its last write", self.index_path, caught_up)
                     self._write(dimension)
                 return
-            problem = f"it holds {self.index.ntotal} vectors, the store {self.store.count()} images (removed since)"
+            problem = f"it holds {self._ready.ntotal} vectors, the store {self.store.count()} images (removed since)"
         level = logging.WARNING if self.store.count() else logging.DEBUG  # a new, empty index is no news
         log.log(level, "rebuilding %s from the store: %s", self.index_path, problem)
         self._rebuild(dimension, wanted)
@@ -269,7 +276,7 @@ class Vectors:
         written: dict[str, tuple[int, str]] = {}
 
         def write_index(path: Path) -> None:
-            faiss.write_index(self.index, str(path))
+            faiss.write_index(self._ready, str(path))
             written["file"] = _file_digest(path)
 
         _replace_atomically(self.index_path, write_index)
@@ -279,7 +286,7 @@ class Vectors:
             "index_type": self.type,
             "dimension": dimension,
             "stamp": stamp_digest(self.store.meta("stamp")),
-            "count": self.index.ntotal,
+            "count": self._ready.ntotal,
             "last_id": self._last_id,
             "size": size,
             "sha256": digest,
@@ -303,7 +310,7 @@ class Vectors:
     def flush(self) -> None:
         """Write the index if vectors were added since the last write."""
         if self._unsaved:
-            self._write(self.index.d)
+            self._write(self._ready.d)
 
     # -- changes --------------------------------------------------------------------------------------------
 
@@ -318,7 +325,7 @@ class Vectors:
             self.index = _empty_index(dimension, self.type)
 
     def _add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self.index.add_with_ids(_as_float32(vectors), np.ascontiguousarray(ids, dtype=np.int64))
+        self._ready.add_with_ids(_as_float32(vectors), np.ascontiguousarray(ids, dtype=np.int64))
         self._last_id = max(self._last_id, int(ids.max()))
         self._changed()
 
@@ -328,14 +335,14 @@ class Vectors:
         self._unsaved += len(ids)
         if self._unsaved >= self.policy.write_every:
             try:
-                self._write(self.index.d)
+                self._write(self._ready.d)
             except (OSError, RuntimeError) as error:  # the images are stored: a later write or open makes up for it
                 log.error("could not write %s (%s); retrying at the next write", self.index_path, error)
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove vectors already deleted from the store, and write the index so they leave the disk too.
         Index types that cannot remove (HNSW) are rebuilt from the store."""
-        if self.index is None:
+        if self.index is None or self.type is None:  # both are set together
             return
         try:
             removed = self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
@@ -374,9 +381,10 @@ class Vectors:
         only ever added in id order (new images, catch-up, rebuild) and removal keeps the order. Remade after
         every change, since FAISS may move the vectors."""
         if self._flat is None:
-            flat = faiss.downcast_index(self.index.index)
+            index = self._ready
+            flat = faiss.downcast_index(index.index)
             matrix = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
-            self._flat = matrix, faiss.vector_to_array(self.index.id_map)
+            self._flat = matrix, faiss.vector_to_array(index.id_map)
         return self._flat
 
     def _flat_search(self, query: np.ndarray, k: int, within: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -390,7 +398,7 @@ class Vectors:
             positions = positions[(positions < len(ids)) & (ids[np.minimum(positions, len(ids) - 1)] == within)]
             if len(positions) * 2 <= len(ids):
                 params = faiss.SearchParameters(sel=_bitmap(positions))
-                scores, found = self.index.index.search(query[None], k, params=params)
+                scores, found = self._ready.index.search(query[None], k, params=params)
                 keep = found[0] >= 0
                 return ids[found[0][keep]], scores[0][keep]
         scores = matrix @ query
@@ -402,32 +410,35 @@ class Vectors:
 
     def _exact(self, query: np.ndarray, k: int, selector: faiss.IDSelector) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over the selected vectors of an IVF or HNSW index: both keep them uncompressed."""
-        if isinstance(self.index, faiss.IndexIVF):  # probing every list is exhaustive
-            return self.index.search(query, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nlist))
+        index = self._ready
+        if isinstance(index, faiss.IndexIVF):  # probing every list is exhaustive
+            return index.search(query, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=index.nlist))
         # the HNSW graph's flat storage, positions translated to store ids
-        inner = faiss.downcast_index(self.index.index)
-        translated = faiss.IDSelectorTranslated(self.index.id_map, selector)
+        inner = faiss.downcast_index(index.index)
+        translated = faiss.IDSelectorTranslated(index.id_map, selector)
         scores, positions = inner.storage.search(query, k, params=faiss.SearchParameters(sel=translated))
-        ids = np.array([[self.index.id_map.at(int(p)) if p >= 0 else -1 for p in positions[0]]], np.int64)
+        ids = np.array([[index.id_map.at(int(p)) if p >= 0 else -1 for p in positions[0]]], np.int64)
         return scores, ids
 
-    def _filtered_approximate(self, query: np.ndarray, k: int, selector: faiss.IDSelector,
-                              matching: int) -> tuple[np.ndarray, np.ndarray]:
+    def _filtered_approximate(
+        self, query: np.ndarray, k: int, selector: faiss.IDSelector, matching: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """A filtered search of HNSW or IVF as hard as an unfiltered one (the same ef_search / nprobe, so
         about the same recall and time), widened fourfold at a time only while it finds fewer than k of the
         matching images."""
-        widen, wanted = 1, min(k, matching)
+        index, widen, wanted = self._ready, 1, min(k, matching)
         while True:
-            scores, ids = self.index.search(query, k, params=self._parameters(k, selector, widen))
-            exhausted = isinstance(self.index, faiss.IndexIVF) and self.policy.nprobe * widen >= self.index.nlist
+            scores, ids = index.search(query, k, params=self._parameters(k, selector, widen))
+            exhausted = isinstance(index, faiss.IndexIVF) and self.policy.nprobe * widen >= index.nlist
             if (ids[0] >= 0).sum() >= wanted or exhausted or widen >= MAX_WIDEN:
                 return scores, ids
             widen *= 4
 
     def _parameters(self, k: int, selector: faiss.IDSelector | None, widen: int) -> faiss.SearchParameters:
-        if isinstance(self.index, faiss.IndexIVF):
-            return faiss.SearchParametersIVF(sel=selector, nprobe=min(self.index.nlist, self.policy.nprobe * widen))
-        if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
+        index = self._ready
+        if isinstance(index, faiss.IndexIVF):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=min(index.nlist, self.policy.nprobe * widen))
+        if isinstance(faiss.downcast_index(index.index), faiss.IndexHNSW):
             return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.policy.ef_search, k) * widen)
         return faiss.SearchParameters(sel=selector)
 

@@ -22,17 +22,22 @@ from cbmir.irma import CodeTables
 from cbmir.search import Retrieval
 from cbmir.service.catalog import Catalog
 from cbmir.service.errors import error_response, install_error_handlers
-from cbmir.service.routes import annotations, codes, images, search, system
+from cbmir.service.routes import annotations as annotation_routes  # `annotations` is the __future__ feature
+from cbmir.service.routes import codes, images, search, system
 from cbmir.service.settings import ServiceSettings
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; frame-ancestors 'none'",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; frame-ancestors 'none'"
+    ),
 }
-DESCRIPTION = ("Content-based retrieval of radiographs: search similar prior cases, predict IRMA codes, pre-label "
-               "images. Every /v1 endpoint needs `Authorization: Bearer <token>`.")
+DESCRIPTION = (
+    "Content-based retrieval of radiographs: search similar prior cases, predict IRMA codes, pre-label "
+    "images. Every /v1 endpoint needs `Authorization: Bearer <token>`."
+)
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -40,8 +45,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     index is reported before the server starts); the index is closed when the server stops."""
     tables = CodeTables.load(settings.irma_tables) if settings.irma_tables else None
     retrieval = Retrieval.open(settings.db, Embedder.load(settings.model))
-    catalog = Catalog(retrieval, tables, max_pixels=settings.max_pixels, dicom_tags=settings.dicom_tags,
-                      allow_originals=settings.allow_originals)
+    catalog = Catalog(
+        retrieval,
+        tables,
+        max_pixels=settings.max_pixels,
+        dicom_tags=settings.dicom_tags,
+        allow_originals=settings.allow_originals,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,12 +60,15 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         finally:
             retrieval.close()
 
-    app = FastAPI(title="cbmir", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=DESCRIPTION)
+    app = FastAPI(title="cbmir", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, description=DESCRIPTION)
     app.state.settings, app.state.catalog = settings, catalog
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                           allow_methods=["GET", "POST", "PUT", "DELETE"], allow_headers=["Authorization"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization"],
+        )
 
     @app.middleware("http")
     async def limits_and_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -64,15 +77,16 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             if length is None:
                 return error_response(411, "the request must give its Content-Length")
             if not length.isdigit() or int(length) > settings.max_upload_bytes:
-                return error_response(413, f"the request body ({length} bytes) is above the limit of "
-                                           f"{settings.max_upload_bytes:,} bytes")
+                return error_response(
+                    413, f"the request body ({length} bytes) is above the limit of {settings.max_upload_bytes:,} bytes"
+                )
         response = await call_next(request)
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
 
     install_error_handlers(app)
-    for router in (search.router, images.router, annotations.router, codes.router, system.router):
+    for router in (search.router, images.router, annotation_routes.router, codes.router, system.router):
         app.include_router(router)
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
     app.mount("/static", StaticFiles(directory=system.STATIC), name="static")

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cbmir.datasets import IMAGE_SUFFIXES, Record, load_medmnist_image
+from cbmir.datasets import IMAGE_SUFFIXES, SPLITS, Record, Split, load_medmnist_image
 from cbmir.errors import CbmirError
 from cbmir.files import write_atomically
 from cbmir.imaging.io import Radiograph, read_image
@@ -36,6 +36,7 @@ from indexer.pipeline import dicom_tags
 UPLOADS, THUMBNAILS = "uploads", "thumbnails"
 THUMBNAIL_SIDE = 320
 UPLOAD_NAME = "upload_name"  # the key in `extra` of the file name an uploaded image was sent with
+_SPLITS: dict[str, Split] = {split: split for split in SPLITS}  # archive member split names, by text
 
 
 class InvalidCodeError(CbmirError):
@@ -68,8 +69,15 @@ def upload_name(filename: str | None) -> str:
 class Catalog:
     """The indexed images of one index and the model that filled it, with the code tables for words."""
 
-    def __init__(self, retrieval: Retrieval, tables: CodeTables | None, *, max_pixels: int,
-                 dicom_tags: tuple[str, ...] = (), allow_originals: bool = False):
+    def __init__(
+        self,
+        retrieval: Retrieval,
+        tables: CodeTables | None,
+        *,
+        max_pixels: int,
+        dicom_tags: tuple[str, ...] = (),
+        allow_originals: bool = False,
+    ):
         self.retrieval, self.engine, self.tables = retrieval, retrieval.engine, tables
         self.max_pixels, self.dicom_tags, self.allow_originals = max_pixels, dicom_tags, allow_originals
         self.schema = retrieval.embedder.schema
@@ -102,9 +110,12 @@ class Catalog:
                 for end in range(1, len(value) + 1):
                     counts[value[:end]] += count
             table = self.tables[axis] if self.tables else None
-            axes[axis] = [CodeCount(prefix, count, short_text(table.entries[prefix])
-                                    if table and prefix in table.entries else None)
-                          for prefix, count in sorted(counts.items())]
+            axes[axis] = [
+                CodeCount(
+                    prefix, count, short_text(table.entries[prefix]) if table and prefix in table.entries else None
+                )
+                for prefix, count in sorted(counts.items())
+            ]
         return axes
 
     # -- images -----------------------------------------------------------------------------------------
@@ -127,7 +138,9 @@ class Catalog:
         try:
             if position:
                 split, index = position.split("/")
-                return load_medmnist_image(Record(position, Path(path), (), "index", split, int(index)))
+                # an unknown split name becomes None, which load_medmnist_image refuses
+                record = Record(position, Path(path), (), "index", _SPLITS.get(split), int(index))
+                return load_medmnist_image(record)
             return read_image(path, max_pixels=self.max_pixels).pixels
         except (CbmirError, OSError, ValueError) as error:
             raise OriginalUnavailableError(f"the original of this image cannot be read any more ({error})") from None
@@ -150,7 +163,8 @@ class Catalog:
         """The original file of an image, when this server serves originals and the file is still there."""
         if not self.allow_originals:
             raise OriginalsDisabledError(
-                "this server serves thumbnails only (start it with --allow-originals to serve originals)")
+                "this server serves thumbnails only (start it with --allow-originals to serve originals)"
+            )
         location = self.row(image_id).location
         path = Path(location.partition("#")[0])
         if "#" in location or not path.is_file():
@@ -177,9 +191,13 @@ class Catalog:
             suffix, kept = Path(name).suffix.lower(), data
         stored = self.engine.folder / UPLOADS / (content_hash + (suffix if suffix in IMAGE_SUFFIXES else ""))
         image = PreparedImage(
-            location=stored.absolute().as_posix(), content_hash=content_hash,
-            model_input=self.retrieval.embedder.prepare(radiograph.pixels), width=int(radiograph.pixels.shape[1]),
-            height=int(radiograph.pixels.shape[0]), dataset=dataset, labels=(true_code,) if true_code else (),
+            location=stored.absolute().as_posix(),
+            content_hash=content_hash,
+            model_input=self.retrieval.embedder.prepare(radiograph.pixels),
+            width=int(radiograph.pixels.shape[1]),
+            height=int(radiograph.pixels.shape[0]),
+            dataset=dataset,
+            labels=(true_code,) if true_code else (),
             extra={**dicom_tags(radiograph.meta.dicom, self.dicom_tags), UPLOAD_NAME: name},
         )
         write_atomically(stored, kept)

@@ -34,5 +34,6 @@ def authorised(request: Request, settings: SettingsDep) -> None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), settings.token.encode()):
-        raise HTTPException(401, "a valid token is needed: send 'Authorization: Bearer <token>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401, "a valid token is needed: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
+        )

@@ -13,16 +13,30 @@ from cbmir.service.schemas import AxisOut, ClassScore, ImageDetailOut, Neighbour
 def image_fields(catalog: Catalog, row: ImageRow) -> dict[str, Any]:
     """The fields every answer shows of an image (`ImageOut`)."""
     return {
-        "id": row.id, "name": catalog.name(row), "dataset": row.dataset, "width": row.width, "height": row.height,
-        "code": row.code, "true_code": row.true_code, "predicted": row.predicted, "confidence": row.confidence,
-        "words": catalog.words(row.code), "labels": list(row.labels), "thumbnail_url": f"/v1/images/{row.id}/thumbnail",
+        "id": row.id,
+        "name": catalog.name(row),
+        "dataset": row.dataset,
+        "width": row.width,
+        "height": row.height,
+        "code": row.code,
+        "true_code": row.true_code,
+        "predicted": row.predicted,
+        "confidence": row.confidence,
+        "words": catalog.words(row.code),
+        "labels": list(row.labels),
+        "thumbnail_url": f"/v1/images/{row.id}/thumbnail",
     }
 
 
 def image_detail(catalog: Catalog, row: ImageRow) -> ImageDetailOut:
     original = f"/v1/images/{row.id}/original" if catalog.allow_originals else None
-    return ImageDetailOut(**image_fields(catalog, row), confidences=row.confidences, extra=row.extra,
-                          added_at=row.added_at, original_url=original)
+    return ImageDetailOut(
+        **image_fields(catalog, row),
+        confidences=row.confidences,
+        extra=row.extra,
+        added_at=row.added_at,
+        original_url=original,
+    )
 
 
 def neighbours(catalog: Catalog, hits: list[Hit]) -> list[NeighbourOut]:
@@ -30,11 +44,18 @@ def neighbours(catalog: Catalog, hits: list[Hit]) -> list[NeighbourOut]:
 
 
 def prediction(catalog: Catalog, predicted: Prediction) -> PredictionOut:
-    axes = [AxisOut(axis=axis, code=p.code, confidence=p.confidence, text=catalog.axis_words(axis, p.code))
-            for axis, p in (predicted.axes or {}).items()]
+    axes = [
+        AxisOut(axis=axis, code=p.code, confidence=p.confidence, text=catalog.axis_words(axis, p.code))
+        for axis, p in (predicted.axes or {}).items()
+    ]
     return PredictionOut(
-        label=predicted.label, confidence=predicted.confidence, kind="irma" if predicted.axes else "classes",
-        axes=axes, words=catalog.words(predicted.label),
-        top={head: [ClassScore(label=label, probability=p) for label, p in scores]
-             for head, scores in predicted.top.items()},
+        label=predicted.label,
+        confidence=predicted.confidence,
+        kind="irma" if predicted.axes else "classes",
+        axes=axes,
+        words=catalog.words(predicted.label),
+        top={
+            head: [ClassScore(label=label, probability=p) for label, p in scores]
+            for head, scores in predicted.top.items()
+        },
     )

@@ -254,7 +254,7 @@ def test_huge_png_header_is_refused_before_decoding():
     assert len(bomb) < 1_000
     error = assert_fast_error(ImageTooLargeError, bomb)
     assert (error.pixels, error.limit) == (side * side, DEFAULT_MAX_PIXELS)
-    assert "900,000,000" in error.reason and "100,000,000" in error.reason
+    assert "900,000,000" in error.reason and f"{DEFAULT_MAX_PIXELS:,}" in error.reason
 
 
 def test_max_pixels_is_per_call(grey8):

@@ -60,6 +60,7 @@ def make_entries(vectors: np.ndarray, *, seed: int = 0, prefix: str = "img") -> 
     entries = []
     for number, vector in enumerate(vectors):
         chest = rng.random() < 0.3
+        true_code: str | None
         if chest:
             true_code = str(rng.choice(["pneumonia", "normal"]))
             predicted = str(rng.choice(["pneumonia", "normal"]))
@@ -94,12 +95,12 @@ def passes(entry: ImageEntry, filters: Filters | None) -> bool:
         chosen = entry.true_code
     else:
         chosen = entry.predicted
-    irma = chosen is not None and _IRMA.fullmatch(chosen) is not None
+    code = chosen if chosen is not None and _IRMA.fullmatch(chosen) is not None else None  # None: not IRMA
     for name, axis in (("technical", "T"), ("directional", "D"), ("anatomy", "A"), ("biology", "B")):
         prefix = getattr(filters, name)
-        if prefix is not None and not (irma and matches(chosen, axis, prefix)):
+        if prefix is not None and not (code is not None and matches(code, axis, prefix)):
             return False
-    if filters.code is not None and not (irma and IrmaCode.parse(chosen) == IrmaCode.parse(filters.code)):
+    if filters.code is not None and not (code is not None and IrmaCode.parse(code) == IrmaCode.parse(filters.code)):
         return False
     if filters.dataset is not None and entry.dataset != filters.dataset:
         return False

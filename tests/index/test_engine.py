@@ -60,7 +60,7 @@ def archive(request, tmp_path_factory):
     ids = np.concatenate([engine.add(entries[start : start + 500]) for start in range(0, COUNT, 500)])
     engine.flush()
     assert engine.stats()["index_type"] == request.param
-    by_id = dict(zip(ids.tolist(), entries))
+    by_id = dict(zip(ids.tolist(), entries, strict=True))
     yield engine, by_id, {i: entry.embedding for i, entry in by_id.items()}
     engine.close()
 
@@ -70,7 +70,7 @@ def fresh(folder, count=800, seed=21, **options):
     entries = make_entries(unit_vectors(count, DIMENSION, seed=seed), seed=seed)
     engine = Engine.open(folder, model=STAMP, **options)
     ids = engine.add(entries)
-    return engine, dict(zip(ids.tolist(), entries))
+    return engine, dict(zip(ids.tolist(), entries, strict=True))
 
 
 def vectors_of(entries: dict) -> dict:
@@ -220,7 +220,7 @@ def test_an_add_with_a_bad_entry_in_the_middle_adds_nothing(tmp_path):
         ("abc", "not an array of numbers"),
     ]:
         bad = batch.copy()
-        bad[4] = dataclasses.replace(bad[4], embedding=change)
+        bad[4] = dataclasses.replace(bad[4], embedding=change)  # type: ignore[arg-type]  # bad on purpose
         with pytest.raises(EntryError, match=rf"entry 4 .*{message}"):
             engine.add(bad)
     known = batch.copy()
@@ -289,9 +289,11 @@ def test_get_returns_typed_rows_in_the_order_asked(archive):
 
 
 def test_one_process_at_a_time_opens_a_folder(tmp_path):
-    with Engine.open(tmp_path, model=STAMP):
-        with pytest.raises(IndexConfigError, match=rf"is already open \(process {os.getpid()}\)"):
-            Engine.open(tmp_path)
+    with (
+        Engine.open(tmp_path, model=STAMP),
+        pytest.raises(IndexConfigError, match=rf"is already open \(process {os.getpid()}\)"),
+    ):
+        Engine.open(tmp_path)
     Engine.open(tmp_path).close()
 
 
@@ -319,7 +321,7 @@ def test_threads_can_share_an_engine(tmp_path):
         try:
             for query in queries(30, seed=62):
                 assert len(engine.search(query, 5, Filters(dataset="irma"))) == 5
-        except Exception as error:  # noqa: BLE001 - reported to the main thread
+        except Exception as error:
             errors.append(error)
 
     threads = [threading.Thread(target=search) for _ in range(3)]
@@ -341,11 +343,11 @@ def assert_consistent(folder: Path, query_seed: int = 71) -> None:
         ids = engine._store.query(Filters()).tolist()
         assert index_ids(engine) == set(ids)
         rows = engine.get(ids)
-        vectors = dict(zip(ids, engine.embeddings(ids)))
+        vectors = dict(zip(ids, engine.embeddings(ids), strict=True))
         for query in queries(3, seed=query_seed):
             if engine.stats()["index_type"] == "Flat":
                 assert_exact(engine.search(query, 10), query, vectors, 10)
-            chest = {i: v for (i, v), row in zip(vectors.items(), rows) if row.dataset == "chest"}
+            chest = {i: v for (i, v), row in zip(vectors.items(), rows, strict=True) if row.dataset == "chest"}
             assert_exact(engine.search(query, 10, Filters(dataset="chest")), query, chest, 10)
         manifest = json.loads((folder / "vectors.json").read_text())
         assert manifest["count"] == len(ids) and manifest["last_id"] >= max(ids, default=0)
@@ -447,6 +449,7 @@ def test_a_process_killed_while_adding_leaves_a_consistent_index(tmp_path, write
     process = subprocess.Popen(
         [sys.executable, "-c", _ADDER, str(tmp_path), str(write_every)], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
+    assert process.stdout is not None  # stdout=PIPE
     try:
         assert process.stdout.readline().strip() == "adding"
         time.sleep(seconds)

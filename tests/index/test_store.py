@@ -24,7 +24,7 @@ def store(tmp_path):
 def filled(store):
     entries = make_entries(unit_vectors(600, DIMENSION, seed=1), seed=1)
     ids = store.add(entries, np.stack([entry.embedding for entry in entries]))
-    return store, dict(zip(ids.tolist(), entries))
+    return store, dict(zip(ids.tolist(), entries, strict=True))
 
 
 def add(store, entries):
@@ -61,8 +61,9 @@ def test_get_keeps_the_order_of_the_ids(filled):
     ids = [17, 3, 250, 3]
     assert [row.location for row in store.get(ids)] == [entries[i].location for i in ids]
     expected = np.stack([entries[i].embedding for i in ids])
-    np.testing.assert_allclose(store.embeddings(ids), expected / np.linalg.norm(expected, axis=1, keepdims=True),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        store.embeddings(ids), expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("filters", FILTERS, ids=str)
@@ -97,9 +98,9 @@ def test_filters_are_answered_from_an_index(store, column, filters):
         (lambda: Filters(anatomy="9x9x"), r"filter anatomy='9x9x'.*only 3"),
         (lambda: Filters(biology=""), r"filter biology='': empty"),
         (lambda: Filters(technical="1-2"), r"filter technical='1-2'.*position 2 is '-'"),
-        (lambda: Filters(directional=7), r"filter directional=7"),
+        (lambda: Filters(directional=7), r"filter directional=7"),  # type: ignore[arg-type]  # not a str, on purpose
         (lambda: Filters(code="1121-127-700"), r"filter code='1121-127-700'"),
-        (lambda: Filters(on="both"), r"filter on='both': expected one of best, true, predicted"),
+        (lambda: Filters(on="both"), r"filter on='both': expected one of best, true, predicted"),  # type: ignore[arg-type]  # on purpose
         (lambda: Filters(dataset=""), r"filter dataset=''"),
         (lambda: Filters(label="  "), r"filter label='  '"),
     ],

@@ -44,7 +44,7 @@ def test_the_type_follows_the_size_and_approximate_types_keep_recall(tmp_path, c
         assert engine.stats()["index_type"] == "Flat"  # until the next write
         engine.flush()
         assert engine.stats()["index_type"] == expected
-        by_id = dict(zip(ids.tolist(), entries))
+        by_id = dict(zip(ids.tolist(), entries[:count], strict=True))
         vectors = {i: entry.embedding for i, entry in by_id.items()}
         recalls = [recall(engine.search(query, 10), query, vectors, 10) for query in queries]
         assert np.mean(recalls) >= 0.9 if expected != "Flat" else min(recalls) == 1.0
@@ -63,7 +63,7 @@ def test_large_filtered_sets_use_the_selector_with_a_wider_search(tmp_path, clus
     with Engine.open(tmp_path, model=STAMP, index_type=index_type, policy=policy) as engine:
         ids = engine.add(entries)
         engine.flush()
-        by_id = dict(zip(ids.tolist(), entries))
+        by_id = dict(zip(ids.tolist(), entries, strict=True))
         filters = Filters(anatomy="9")
         allowed = {i: entry.embedding for i, entry in by_id.items() if passes(entry, filters)}
         assert len(allowed) > policy.exact_filter_limit

@@ -82,6 +82,12 @@ def service(index_parts, tmp_path_factory):
     archive, model, db = index_parts
     copy = tmp_path_factory.mktemp("db") / "db"
     shutil.copytree(db, copy)
-    settings = ServiceSettings(db=copy, model=model, irma_tables=TABLES if TABLES.exists() else None, token=TOKEN,
-                               max_upload_bytes=4 << 20, max_pixels=8_000_000)
+    settings = ServiceSettings(
+        db=copy,
+        model=model,
+        irma_tables=TABLES if TABLES.exists() else None,
+        token=TOKEN,
+        max_upload_bytes=4 << 20,
+        max_pixels=8_000_000,
+    )
     yield from start(settings, archive)

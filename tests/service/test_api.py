@@ -38,7 +38,12 @@ def search(client, path: Path, **fields):
 def check_search_answer(body: dict) -> None:
     assert body["prediction"]["kind"] == "irma"
     IrmaCode.parse(body["prediction"]["label"])
-    assert [axis["axis"] for axis in body["prediction"]["axes"]] == ["technical", "directional", "anatomical", "biological"]
+    assert [axis["axis"] for axis in body["prediction"]["axes"]] == [
+        "technical",
+        "directional",
+        "anatomical",
+        "biological",
+    ]
     assert body["neighbours"], "no neighbours"
     scores = [hit["score"] for hit in body["neighbours"]]
     assert scores == sorted(scores, reverse=True)
@@ -47,10 +52,18 @@ def check_search_answer(body: dict) -> None:
 # -- the token ----------------------------------------------------------------------------------------------
 
 V1_CALLS = [
-    ("POST", "/v1/search"), ("GET", "/v1/images/1/similar"), ("GET", "/v1/images/1"),
-    ("GET", "/v1/images/1/thumbnail"), ("GET", "/v1/images/1/original"), ("POST", "/v1/images"),
-    ("DELETE", "/v1/images/1"), ("POST", "/v1/annotate"), ("PUT", "/v1/images/1/code"),
-    ("GET", "/v1/annotations?ids=1"), ("GET", "/v1/codes"), ("GET", "/v1/stats"),
+    ("POST", "/v1/search"),
+    ("GET", "/v1/images/1/similar"),
+    ("GET", "/v1/images/1"),
+    ("GET", "/v1/images/1/thumbnail"),
+    ("GET", "/v1/images/1/original"),
+    ("POST", "/v1/images"),
+    ("DELETE", "/v1/images/1"),
+    ("POST", "/v1/annotate"),
+    ("PUT", "/v1/images/1/code"),
+    ("GET", "/v1/annotations?ids=1"),
+    ("GET", "/v1/codes"),
+    ("GET", "/v1/stats"),
 ]
 
 
@@ -68,7 +81,9 @@ def test_every_v1_call_without_the_right_token_is_401(service, token):
 def test_every_v1_route_is_in_the_checked_list(service):
     """A new /v1 route must be added to V1_CALLS, so that the token test covers it."""
     spec = service.client().get("/openapi.json").json()
-    routes = {(method.upper(), path) for path, item in spec["paths"].items() for method in item if path.startswith("/v1")}
+    routes = {
+        (method.upper(), path) for path, item in spec["paths"].items() for method in item if path.startswith("/v1")
+    }
     checked = {(method, path.split("?")[0].replace("/1", "/{image_id}")) for method, path in V1_CALLS}
     assert routes == checked
 
@@ -88,8 +103,9 @@ def test_without_a_token_the_server_refuses_to_leave_loopback(tmp_path, index_pa
         ServiceSettings(db=db, model=model, host="0.0.0.0").check_binding()
     ServiceSettings(db=db, model=model, host="127.0.0.1").check_binding()
     ServiceSettings(db=db, model=model, host="0.0.0.0", token=TOKEN).check_binding()
-    result = CliRunner().invoke(cli, ["serve", "--db", str(db), "--model", str(model), "--host", "0.0.0.0"],
-                                env={"CBMIR_TOKEN": ""})
+    result = CliRunner().invoke(
+        cli, ["serve", "--db", str(db), "--model", str(model), "--host", "0.0.0.0"], env={"CBMIR_TOKEN": ""}
+    )
     assert result.exit_code == 2
     assert "no token configured: refusing to listen on 0.0.0.0" in result.output
 
@@ -99,12 +115,14 @@ def test_cors_is_closed_by_default(service):
         response = client.get("/v1/stats", headers={"Origin": "https://elsewhere.example"})
         assert response.status_code == 200
         assert "access-control-allow-origin" not in response.headers
-        preflight = client.options("/v1/stats", headers={"Origin": "https://elsewhere.example",
-                                                          "Access-Control-Request-Method": "GET"})
+        preflight = client.options(
+            "/v1/stats", headers={"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "GET"}
+        )
         assert "access-control-allow-origin" not in preflight.headers
 
 
 # -- searching ----------------------------------------------------------------------------------------------
+
 
 def test_search_by_upload_finds_the_image_itself_first(service):
     with service.client() as client:
@@ -118,7 +136,8 @@ def test_search_by_upload_finds_the_image_itself_first(service):
         assert len(body["neighbours"]) == 5
         thumbnail = client.get(body["neighbours"][0]["thumbnail_url"])
         assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/png"
-        assert cv2.imdecode(np.frombuffer(thumbnail.content, np.uint8), cv2.IMREAD_UNCHANGED).size > 0
+        decoded = cv2.imdecode(np.frombuffer(thumbnail.content, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert decoded is not None and decoded.size > 0
 
 
 def test_anatomy_filter_returns_only_matching_codes(service):
@@ -144,8 +163,15 @@ def test_search_by_id_and_image_metadata(service):
         assert client.get("/v1/images/999999/similar").status_code == 404
 
 
-@pytest.mark.parametrize("path", ["/v1/images/..%2F..%2Fetc%2Fpasswd/thumbnail", "/v1/images/-1/thumbnail",
-                                  "/v1/images/1e3/thumbnail", "/v1/images/%2Fetc%2Fpasswd"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/images/..%2F..%2Fetc%2Fpasswd/thumbnail",
+        "/v1/images/-1/thumbnail",
+        "/v1/images/1e3/thumbnail",
+        "/v1/images/%2Fetc%2Fpasswd",
+    ],
+)
 def test_ids_never_reach_the_filesystem(service, path):
     response = service.client().get(path)
     assert response.status_code in (404, 422)
@@ -168,6 +194,7 @@ def test_code_tables_for_the_filter_menus(service):
 
 
 # -- bad uploads --------------------------------------------------------------------------------------------
+
 
 def bad_uploads() -> dict[str, tuple[bytes, int, str]]:
     good = png_bytes(np.full((64, 64), 128, np.uint8))
@@ -197,8 +224,11 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(service):
     with service.client() as client:
         response = client.post("/v1/search", files={"file": ("big.png", b"\0" * (5 << 20))})
         assert response.status_code == 413 and "above the limit" in response.json()["error"]
-        chunked = client.post("/v1/search", content=iter([b"--x\r\n", b"data"]),
-                              headers={"Content-Type": "multipart/form-data; boundary=x"})
+        chunked = client.post(
+            "/v1/search",
+            content=iter([b"--x\r\n", b"data"]),
+            headers={"Content-Type": "multipart/form-data; boundary=x"},
+        )
         assert chunked.status_code == 411
         assert client.get("/health").status_code == 200
 
@@ -207,8 +237,11 @@ def test_a_client_that_stalls_does_not_hang_the_server(service):
     """A request that announces a body and never sends it ties up only its own connection."""
     host, port = service.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as stalled:
-        stalled.sendall(b"POST /v1/search HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
-                        + b"\r\nContent-Type: multipart/form-data; boundary=x\r\nContent-Length: 1000\r\n\r\n--x")
+        stalled.sendall(
+            b"POST /v1/search HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nContent-Type: multipart/form-data; boundary=x\r\nContent-Length: 1000\r\n\r\n--x"
+        )
         assert search(service.client(), phantom(service)).status_code == 200
 
 
@@ -236,12 +269,14 @@ def test_concurrent_searches_all_succeed(service):
 
 # -- adding, annotating, removing -----------------------------------------------------------------------------
 
+
 def test_add_with_a_known_code_then_duplicate_then_remove(service):
     pixels = np.random.default_rng(7).integers(0, 255, (90, 70), dtype=np.uint8)
     data = png_bytes(pixels)
     with service.client() as client:
-        added = client.post("/v1/images", files={"files": ("new.png", data)},
-                            data={"code": "1121-120-200-000", "dataset": "tests"}).json()
+        added = client.post(
+            "/v1/images", files={"files": ("new.png", data)}, data={"code": "1121-120-200-000", "dataset": "tests"}
+        ).json()
         [item] = added["items"]
         assert not item["duplicate"] and item["true_code"] == "1121-120-200-000"
         again = client.post("/v1/images", files={"files": ("same.png", data)}).json()
@@ -255,7 +290,10 @@ def test_add_with_a_known_code_then_duplicate_then_remove(service):
         after = client.post("/v1/search", files={"file": ("q.png", data)}, data={"k": "3"}).json()
         assert item["id"] not in [hit["id"] for hit in after["neighbours"]]
     uploads = service.settings.db / "uploads"
-    assert not any(uploads.glob(f"{item['id']}*")) and not (service.settings.db / "thumbnails" / f"{item['id']}.png").exists()
+    assert (
+        not any(uploads.glob(f"{item['id']}*"))
+        and not (service.settings.db / "thumbnails" / f"{item['id']}.png").exists()
+    )
 
 
 def test_annotate_accept_correct_and_export(service):

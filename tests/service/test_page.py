@@ -26,8 +26,14 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium package is not installed: apt-get install chromium"
 )
 # Without the background-networking flags Chromium keeps calling Google's hosts, which this network refuses.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SCREENSHOTS = os.environ.get("CBMIR_SCREENSHOTS")
 
 
@@ -49,8 +55,9 @@ def page(browser, service):
     page = context.new_page()
     problems = []
     page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
-    page.on("console", lambda message: problems.append(message.text)
-            if "Content Security Policy" in message.text else None)
+    page.on(
+        "console", lambda message: problems.append(message.text) if "Content Security Policy" in message.text else None
+    )
     page.goto(service.url)
     yield page
     context.close()
@@ -65,16 +72,20 @@ def enter_token(page, token: str = TOKEN) -> None:
 
 def neighbours(page) -> list[dict[str, str]]:
     return page.eval_on_selector_all(
-        "#neighbours .neighbour", "cards => cards.map(card => ({id: card.dataset.id, code: card.dataset.code, "
-                                  "name: card.querySelector('.hit-name').textContent}))")
+        "#neighbours .neighbour",
+        "cards => cards.map(card => ({id: card.dataset.id, code: card.dataset.code, "
+        "name: card.querySelector('.hit-name').textContent}))",
+    )
 
 
 def wait_for_grid(page) -> None:
     """Until the search has answered and the grid shows neighbours whose thumbnails really loaded."""
     page.locator("#busy").wait_for(state="hidden")
     page.locator("#neighbours .neighbour").first.wait_for()
-    page.wait_for_function("() => [...document.querySelectorAll('#neighbours .neighbour img')]"
-                           ".every(img => img.complete && img.naturalWidth > 0)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#neighbours .neighbour img')]"
+        ".every(img => img.complete && img.naturalWidth > 0)"
+    )
 
 
 def assert_no_horizontal_scrolling(page) -> None:
@@ -106,12 +117,16 @@ def test_search_by_upload_filter_and_click_through(page, service):
     assert_no_horizontal_scrolling(page)
 
     # A top-level region other than the first neighbour's: the grid changes, and keeps to that region.
-    regions = [value for value in page.eval_on_selector_all("#anatomy-filter option", "o => o.map(x => x.value)")
-               if len(value) == 1]
+    regions = [
+        value
+        for value in page.eval_on_selector_all("#anatomy-filter option", "o => o.map(x => x.value)")
+        if len(value) == 1
+    ]
     region = next(value for value in regions if not anatomy(before[0]["code"]).startswith(value))
     page.select_option("#anatomy-filter", region)
-    page.wait_for_function("first => document.querySelector('#neighbours .neighbour')?.dataset.id !== first",
-                           arg=before[0]["id"])
+    page.wait_for_function(
+        "first => document.querySelector('#neighbours .neighbour')?.dataset.id !== first", arg=before[0]["id"]
+    )
     wait_for_grid(page)
     after = neighbours(page)
     assert after and after != before
@@ -168,17 +183,20 @@ def test_annotate_a_batch_correct_one_and_export(page, service, tmp_path):
     for row in rows.all():
         IrmaCode.parse(row.locator(".proposed").inner_text())
         assert row.locator(".status-cell").inner_text() == "pending"
-    page.wait_for_function("() => [...document.querySelectorAll('#annotate-table img')]"
-                           ".every(img => img.complete && img.naturalWidth > 0)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#annotate-table img')].every(img => img.complete && img.naturalWidth > 0)"
+    )
 
     first, second = rows.nth(0), rows.nth(1)
-    correction, region = next((code, words) for code, words in (("1121-120-200-000", "cranium"),
-                                                                ("1121-120-500-000", "chest"))
-                              if code != first.locator(".proposed").inner_text())
+    correction, region = next(
+        (code, words)
+        for code, words in (("1121-120-200-000", "cranium"), ("1121-120-500-000", "chest"))
+        if code != first.locator(".proposed").inner_text()
+    )
     first.locator(".code-input").fill(correction)
     first.locator("button.accept").click()
     first.locator(".status-cell", has_text="corrected").wait_for()
-    if service.settings.tables:  # the words come from the IRMA code tables in ../shared/data, when present
+    if service.settings.irma_tables:  # the words come from the IRMA code tables in ../shared/data, when present
         assert region in first.locator(".row-note").inner_text()  # the stored code, in words
     second.locator(".code-input").fill("1121-12*-200-000")
     second.locator("button.accept").click()

@@ -20,8 +20,11 @@ MAX_EXPORT_IDS = 10_000
 
 
 @router.post("/annotate", response_model=BatchOut, summary="Propose codes for a batch of files")
-def annotate(catalog: CatalogDep, files: Annotated[list[UploadFile], File()],
-             dataset: Annotated[str, Form(min_length=1, max_length=100)] = "annotation") -> BatchOut:
+def annotate(
+    catalog: CatalogDep,
+    files: Annotated[list[UploadFile], File()],
+    dataset: Annotated[str, Form(min_length=1, max_length=100)] = "annotation",
+) -> BatchOut:
     """Each readable file is indexed (so that its proposal can be accepted) and gets its proposed code;
     a file that is already indexed keeps its id and stored prediction; unreadable files are listed
     under `failed` with the reason."""
@@ -29,8 +32,11 @@ def annotate(catalog: CatalogDep, files: Annotated[list[UploadFile], File()],
 
 
 @router.get("/annotations", summary="Proposals and accepted codes of images, as CSV or JSON")
-def export(catalog: CatalogDep, ids: Annotated[str, Query(description="comma-separated image ids")],
-           format: Annotated[Literal["csv", "json"], Query()] = "csv") -> Response:
+def export(
+    catalog: CatalogDep,
+    ids: Annotated[str, Query(description="comma-separated image ids")],
+    format: Annotated[Literal["csv", "json"], Query()] = "csv",
+) -> Response:
     try:
         wanted = [int(part) for part in ids.split(",") if part.strip()]
     except ValueError:
@@ -40,9 +46,17 @@ def export(catalog: CatalogDep, ids: Annotated[str, Query(description="comma-sep
     records = []
     for row in catalog.engine.get(wanted):
         status = "pending" if row.true_code is None else "accepted" if row.true_code == row.predicted else "corrected"
-        records.append({"id": row.id, "name": catalog.name(row), "proposed": row.predicted,
-                        "confidence": row.confidence, "true_code": row.true_code, "status": status,
-                        "words": catalog.words(row.code)})
+        records.append(
+            {
+                "id": row.id,
+                "name": catalog.name(row),
+                "proposed": row.predicted,
+                "confidence": row.confidence,
+                "true_code": row.true_code,
+                "status": status,
+                "words": catalog.words(row.code),
+            }
+        )
     disposition = {"Content-Disposition": f"attachment; filename=annotations.{format}"}
     if format == "json":
         return Response(json.dumps(records, indent=2), media_type="application/json", headers=disposition)

@@ -14,9 +14,12 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(authorised)], tags=["code
 
 @router.get("/codes", response_model=CodesOut, summary="IRMA codes present in the index, in words, per axis")
 def codes(catalog: CatalogDep) -> CodesOut:
-    axes = {axis: [CodeEntry(code=entry.code, text=entry.text, level=len(entry.code), count=entry.count)
-                   for entry in entries]
-            for axis, entries in catalog.code_counts().items()}
+    axes = {
+        axis: [
+            CodeEntry(code=entry.code, text=entry.text, level=len(entry.code), count=entry.count) for entry in entries
+        ]
+        for axis, entries in catalog.code_counts().items()
+    }
     return CodesOut(tables=catalog.tables is not None, axes=axes)
 
 
@@ -25,6 +28,14 @@ def stats(catalog: CatalogDep) -> dict[str, Any]:
     figures = catalog.engine.stats()
     schema = catalog.schema
     classes = {head: list(labels) for head, labels in schema.heads.items()} if schema.task != "irma-axes" else {}
-    return {"images": figures["count"], "datasets": figures["datasets"], "index_type": figures["index_type"],
-            "dimension": figures["dimension"], "model": figures["model"], "task": schema.task, "classes": classes,
-            "failures": figures["failures"], "tables": catalog.tables is not None}
+    return {
+        "images": figures["count"],
+        "datasets": figures["datasets"],
+        "index_type": figures["index_type"],
+        "dimension": figures["dimension"],
+        "model": figures["model"],
+        "task": schema.task,
+        "classes": classes,
+        "failures": figures["failures"],
+        "tables": catalog.tables is not None,
+    }

@@ -24,20 +24,28 @@ def image(catalog: CatalogDep, image_id: int) -> ImageDetailOut:
 
 @router.get("/images/{image_id}/thumbnail", response_class=FileResponse, summary="A PNG thumbnail")
 def thumbnail(catalog: CatalogDep, image_id: int) -> FileResponse:
-    return FileResponse(catalog.thumbnail(image_id), media_type="image/png",
-                        headers={"Cache-Control": "private, max-age=3600"})
+    return FileResponse(
+        catalog.thumbnail(image_id), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+    )
 
 
-@router.get("/images/{image_id}/original", response_class=FileResponse,
-            summary="The original file (only when the server allows originals)")
+@router.get(
+    "/images/{image_id}/original",
+    response_class=FileResponse,
+    summary="The original file (only when the server allows originals)",
+)
 def original(catalog: CatalogDep, image_id: int) -> FileResponse:
     path = catalog.original(image_id)
     return FileResponse(path, filename=path.name, headers={"Cache-Control": "private, no-store"})
 
 
 @router.post("/images", response_model=BatchOut, summary="Add images, with a known code or predicted")
-def add_images(catalog: CatalogDep, files: Annotated[list[UploadFile], File()],
-               code: Annotated[str | None, Form()] = None, dataset: DatasetName = "uploads") -> BatchOut:
+def add_images(
+    catalog: CatalogDep,
+    files: Annotated[list[UploadFile], File()],
+    code: Annotated[str | None, Form()] = None,
+    dataset: DatasetName = "uploads",
+) -> BatchOut:
     return ingest_batch(catalog, files, dataset, catalog.check_code(code) if code else None)
 
 
@@ -47,8 +55,11 @@ def remove_image(catalog: CatalogDep, image_id: int) -> dict[str, int]:
     return {"removed": image_id}
 
 
-@router.put("/images/{image_id}/code", response_model=ImageDetailOut,
-            summary="Accept or correct a proposal: store the true code")
+@router.put(
+    "/images/{image_id}/code",
+    response_model=ImageDetailOut,
+    summary="Accept or correct a proposal: store the true code",
+)
 def set_code(catalog: CatalogDep, image_id: int, body: CodeIn) -> ImageDetailOut:
     catalog.set_true_code(image_id, body.code)
     return views.image_detail(catalog, catalog.row(image_id))
@@ -65,8 +76,16 @@ def ingest_batch(catalog: Catalog, files: list[UploadFile], dataset: str, true_c
             failed.append(FailedOut(name=name, error=str(error)))
             continue
         row = catalog.row(image_id)
-        items.append(ProposalOut(
-            name=name, id=image_id, duplicate=prediction is None, proposed=row.predicted, confidence=row.confidence,
-            prediction=views.prediction(catalog, prediction) if prediction else None, true_code=row.true_code,
-            words=catalog.words(row.predicted)))
+        items.append(
+            ProposalOut(
+                name=name,
+                id=image_id,
+                duplicate=prediction is None,
+                proposed=row.predicted,
+                confidence=row.confidence,
+                prediction=views.prediction(catalog, prediction) if prediction else None,
+                true_code=row.true_code,
+                words=catalog.words(row.predicted),
+            )
+        )
     return BatchOut(items=items, failed=failed)

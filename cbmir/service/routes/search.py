@@ -26,9 +26,11 @@ def search_upload(
     radiograph = catalog.read_upload(name, file.file.read())
     result = catalog.retrieval.search_image(radiograph.pixels, k, filters.filters())
     height, width = radiograph.pixels.shape[:2]
-    return SearchOut(query=QueryOut(name=name, width=width, height=height),
-                     prediction=views.prediction(catalog, result.prediction),
-                     neighbours=views.neighbours(catalog, result.hits))
+    return SearchOut(
+        query=QueryOut(name=name, width=width, height=height),
+        prediction=views.prediction(catalog, result.prediction),
+        neighbours=views.neighbours(catalog, result.hits),
+    )
 
 
 @router.get("/images/{image_id}/similar", response_model=SearchOut, summary="Search by an indexed image")
@@ -37,5 +39,8 @@ def search_by_id(
 ) -> SearchOut:
     row = catalog.row(image_id)
     hits = catalog.engine.search_by_id(image_id, k, filters.filters())
-    return SearchOut(query=QueryOut(id=image_id, name=catalog.name(row), width=row.width, height=row.height),
-                     prediction=None, neighbours=views.neighbours(catalog, hits))
+    return SearchOut(
+        query=QueryOut(id=image_id, name=catalog.name(row), width=row.width, height=row.height),
+        prediction=None,
+        neighbours=views.neighbours(catalog, hits),
+    )

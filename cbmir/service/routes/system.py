@@ -37,11 +37,15 @@ def page() -> FileResponse:
 @router.get("/docs", include_in_schema=False)
 def docs() -> Response:
     """Swagger UI from the swagger-ui-bundle-v2 package, not a CDN (nothing is fetched from the internet)."""
-    page = get_swagger_ui_html(openapi_url="/openapi.json", title="cbmir API",
-                               swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                               swagger_css_url="/docs-assets/swagger-ui.css",
-                               swagger_favicon_url="/docs-assets/favicon-32x32.png")
+    page = get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="cbmir API",
+        swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs-assets/swagger-ui.css",
+        swagger_favicon_url="/docs-assets/favicon-32x32.png",
+    )
     # Swagger UI starts itself with an inline script; this page shows no images, only the API's shape.
-    page.headers["Content-Security-Policy"] = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
-                                               "style-src 'self' 'unsafe-inline'; img-src 'self' data:")
+    page.headers["Content-Security-Policy"] = (
+        "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
+    )
     return page
