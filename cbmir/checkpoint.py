@@ -1,6 +1,11 @@
 """A checkpoint is one folder: `model.pt` (the weights) and `card.json` (the model card: architecture, label
 schema, preprocessing pipeline, training data fingerprint, hyper-parameters, metrics, library versions).
-Loading needs nothing else: no packaged pretrained weights, no dataset, no configuration."""
+Loading needs nothing else: no packaged pretrained weights, no dataset, no configuration.
+
+Saving never leaves weights without their own card, even after a crash: both files are
+written in full and fsynced in a staging folder first, then the old weights are removed, the card is moved
+in, and the weights last. An interrupted save leaves the old checkpoint, or a card without weights (which
+`load_checkpoint` refuses by name), or the new checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 
 from cbmir.errors import CbmirError
+from cbmir.files import write_atomically, write_atomically_with
 from cbmir.imaging.preprocess import Preprocessing
 from cbmir.labels import LabelSchema
 from cbmir.models import RadiographNet, create_model
@@ -71,7 +77,7 @@ def new_card(model: RadiographNet, schema: LabelSchema, pipeline: Preprocessing,
     """A model card for `model`; `sections` adds training, metrics, irma_threshold and the like."""
     return {
         "card_version": CARD_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "architecture": dict(model.config),
         "embedding_dim": model.embedding_dim,
         "labels": schema.to_dict(),
@@ -82,16 +88,18 @@ def new_card(model: RadiographNet, schema: LabelSchema, pipeline: Preprocessing,
 
 
 def save_checkpoint(folder: Path, model: RadiographNet, card: dict[str, Any]) -> Path:
-    """Write the checkpoint atomically: into a temporary sibling folder, then renamed over `folder`'s files,
-    so a crash never leaves weights without their card. Other files in `folder` (plots, reports) stay."""
+    """Write the checkpoint into `folder` so that a crash never leaves weights without their card (see the
+    module docstring). Other files in `folder` (plots, reports) stay."""
     folder = Path(folder)
+    card_text = json.dumps(card, indent=2, sort_keys=True) + "\n"
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=folder))
     try:
-        torch.save(model.state_dict(), staging / WEIGHTS_FILE)
-        (staging / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-        os.replace(staging / WEIGHTS_FILE, folder / WEIGHTS_FILE)
+        write_atomically_with(staging / WEIGHTS_FILE, lambda file: torch.save(model.state_dict(), file))
+        write_atomically(staging / CARD_FILE, card_text.encode())
+        (folder / WEIGHTS_FILE).unlink(missing_ok=True)
         os.replace(staging / CARD_FILE, folder / CARD_FILE)
+        os.replace(staging / WEIGHTS_FILE, folder / WEIGHTS_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
@@ -120,6 +128,8 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
-        raise CheckpointError(f"{weights_path}: weights do not load into {name} ({str(error).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{weights_path}: weights do not load into {name} ({str(error).splitlines()[0]})"
+        ) from None
     model.eval()
     return Checkpoint(model, card, folder)

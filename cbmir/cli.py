@@ -73,17 +73,14 @@ def preprocess(
     """Write preprocessed images for inspection. Colour PNGs show the layers as red = original,
     green = CLAHE, blue = non-local means; a pipeline record is written beside them as preprocessing.json."""
     from cbmir.imaging.io import ImageReadError, read_image
+    from cbmir.imaging.listing import IMAGE_SUFFIXES, image_files
     from cbmir.imaging.preprocess import preset as make_preset
 
     overrides = {name: value for name, value in (("size", size), ("interpolation", interpolation)) if value}
     pipeline = make_preset(preset, **overrides)
     if not source.exists():
         raise CbmirError(f"{source}: no such file or folder")
-    files = (
-        [source]
-        if source.is_file()
-        else sorted(path for path in source.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
-    )
+    files = [source] if source.is_file() else image_files(source)
     if not files:
         raise CbmirError(f"{source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
     out.mkdir(parents=True, exist_ok=True)

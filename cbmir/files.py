@@ -1,22 +1,31 @@
-"""Writing files so that a reader (or the next run after a crash) never sees half of one."""
+"""Writing files so that a reader (or the next run after a crash) never sees half of one.
+
+Every file cbmir writes to be read back later (reports, plots, caches, training state, checkpoints, stored
+images) goes through `write_atomically_with`: the content goes to a temporary file beside the target, is
+flushed and fsynced, and only then renamed over the target. At any moment the target is the old file or the
+whole new one, also after a power cut; a failed write leaves no temporary file behind.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`. Raises the
-    `OSError` of a failed write, leaving neither the temporary file nor a partial `path` behind."""
+def write_atomically_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call `write` on a temporary binary file beside `path` (e.g. ``lambda file: np.save(file, array)``),
+    fsync it, then rename it over `path`; creates the folder when missing. Raises what `write` or the file
+    system raised (an `OSError` for a failed write), leaving neither the temporary file nor a partial `path`."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     created = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "xb") as file:
             created = True
-            file.write(data)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -24,3 +33,8 @@ def write_atomically(path: Path, data: bytes) -> None:
         if created:
             temporary.unlink(missing_ok=True)
         raise
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` the way `write_atomically_with` does."""
+    write_atomically_with(path, lambda file: file.write(data))

@@ -1,20 +1,24 @@
 """Preprocessed images of dataset records, made once in parallel worker processes and kept in a
-memory-mapped .npy cache, so training epochs, evaluation and baselines never decode a file twice."""
+memory-mapped .npy cache, so training epochs, evaluation and baselines never decode a file twice.
+
+A cache entry is an array file and a listing (the kept record ids and the failures), each written atomically;
+the listing is written last, so an entry with a listing is complete and one without it is made again."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from cbmir.datasets import Record, load_pixels
+from cbmir.files import write_atomically, write_atomically_with
 from cbmir.imaging.io import ImageReadError
 from cbmir.imaging.preprocess import Preprocessing
 
@@ -53,13 +57,15 @@ def prepare_images(records: Sequence[Record], pipeline: Preprocessing, cache: Pa
     if array_path.exists() and listing_path.exists():
         listing = json.loads(listing_path.read_text())
         kept = set(listing["kept"])
-        return PreparedImages([r for r in records if r.id in kept], np.load(array_path, mmap_mode="r"),
-                              listing["failures"])
+        return PreparedImages(
+            [r for r in records if r.id in kept], np.load(array_path, mmap_mode="r"), listing["failures"]
+        )
     cache.mkdir(parents=True, exist_ok=True)
     partial = array_path.with_suffix(".partial.npy")
     side = pipeline.size
     images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(records), side, side, 3))
-    kept_rows, failures = [], []
+    kept_rows: list[int] = []
+    failures: list[str] = []
     jobs = [(record, pipeline) for record in records]
     with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         results = pool.map(_preprocess_one, jobs, chunksize=8)
@@ -71,9 +77,9 @@ def prepare_images(records: Sequence[Record], pipeline: Preprocessing, cache: Pa
             kept_rows.append(row)
     images.flush()
     del images
-    kept = np.load(partial, mmap_mode="r")[: len(kept_rows)]
-    np.save(array_path.with_suffix(".tmp.npy"), kept)
-    os.replace(array_path.with_suffix(".tmp.npy"), array_path)
+    kept_images = np.load(partial, mmap_mode="r")[: len(kept_rows)]
+    write_atomically_with(array_path, lambda file: np.save(file, kept_images))
     partial.unlink()
-    listing_path.write_text(json.dumps({"kept": [records[row].id for row in kept_rows], "failures": failures}))
+    listing = {"kept": [records[row].id for row in kept_rows], "failures": failures}
+    write_atomically(listing_path, json.dumps(listing).encode())
     return PreparedImages([records[row] for row in kept_rows], np.load(array_path, mmap_mode="r"), failures)

@@ -20,6 +20,7 @@ from cbmir.embed import Embedder
 from cbmir.index import Engine, Filters, Hit, ImageEntry, IndexMismatchError, IndexPolicy
 from cbmir.index.engine import check_k
 from cbmir.labels import Prediction
+from cbmir.locations import Location
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class PreparedImage:
     checkpoint's preprocessing of its pixels) and what the store keeps beside the vector. `labels` are
     the known labels: one is the true code or class, several are findings."""
 
-    location: str
+    location: Location
     content_hash: str
     model_input: np.ndarray
     width: int
@@ -114,7 +115,7 @@ def _entry(image: PreparedImage, vector: np.ndarray, prediction: Prediction) -> 
     else:
         confidences = {name: probability for head in prediction.top.values() for name, probability in head}
     return ImageEntry(
-        location=image.location,
+        location=str(image.location),
         content_hash=image.content_hash,
         width=image.width,
         height=image.height,

@@ -29,8 +29,10 @@ from tqdm import tqdm
 from cbmir.datasets import Record, load_pixels
 from cbmir.embed import batches
 from cbmir.errors import CbmirError
-from cbmir.imaging.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from cbmir.imaging.io import DEFAULT_MAX_PIXELS, read_image
+from cbmir.imaging.listing import IMAGE_SUFFIXES, image_files
 from cbmir.imaging.preprocess import Preprocessing
+from cbmir.locations import Location
 from cbmir.search import PreparedImage, Retrieval
 
 # DICOM tags safe to keep beside an image: technical, never patient-identifying.
@@ -40,13 +42,6 @@ SAFE_DICOM_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PhotometricI
 def dicom_tags(header: dict[str, str], keep: Sequence[str] = ()) -> dict[str, str]:
     """The DICOM tags stored beside an image: `SAFE_DICOM_TAGS`, plus `keep` when configured to."""
     return {tag: header[tag] for tag in (*SAFE_DICOM_TAGS, *keep) if tag in header}
-
-
-def location(record: Record) -> str:
-    """Where an image is read from, as stored: an absolute path, so that the service finds it from any
-    folder; a MedMNIST image adds #split/index."""
-    path = record.path.absolute().as_posix()
-    return path if record.index is None else f"{path}#{record.split}/{record.index}"
 
 
 @dataclass
@@ -100,12 +95,12 @@ def map_record(record: Record) -> Mapped:
             if content_hash in _worker.present:
                 return Mapped(record, content_hash, skipped=True, read_seconds=time.perf_counter() - started)
             extra = {}
-    except (ImageReadError, OSError) as error:
-        reason = str(error) if isinstance(error, ImageReadError) else f"cannot read {record.path}: {error.strerror}"
+    except (CbmirError, OSError) as error:  # an unreadable file or archive member: a failure, never a stop
+        reason = str(error) if isinstance(error, CbmirError) else f"cannot read {record.path}: {error.strerror}"
         return Mapped(record, failure=reason, read_seconds=time.perf_counter() - started)
     read_done = time.perf_counter()
     prepared = PreparedImage(
-        location(record),
+        Location.of(record),
         content_hash,
         _worker.pipeline(pixels),
         width=int(pixels.shape[1]),
@@ -183,7 +178,7 @@ def index_records(
 
 
 def _write_batch(batch: list[Mapped], retrieval: Retrieval, summary: Summary) -> None:
-    failures = [(location(item.record), item.failure) for item in batch if item.failure]
+    failures = [(str(Location.of(item.record)), item.failure) for item in batch if item.failure]
     for _, reason in failures:
         summary.failed[failure_kind(reason)] += 1
     fresh = [item.prepared for item in batch if item.prepared is not None]
@@ -214,7 +209,7 @@ class IndexingError(CbmirError):
 def read_archive(path: Path, **kwargs) -> tuple[str, list[Record]]:
     """The records of an archive: any layout `cbmir.datasets` reads, or else every image file below a folder
     (unlabelled). Returns the dataset name and the records."""
-    from cbmir.datasets import IMAGE_SUFFIXES, DatasetError, open_dataset
+    from cbmir.datasets import DatasetError, open_dataset
 
     path = Path(path)
     try:
@@ -223,7 +218,7 @@ def read_archive(path: Path, **kwargs) -> tuple[str, list[Record]]:
     except DatasetError:
         if not path.is_dir():
             raise
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(path)
     if not files:
         raise IndexingError(f"{path}: no images found (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
     return path.name, [Record(p.relative_to(path).as_posix(), p, (), path.name) for p in files]

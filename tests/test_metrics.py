@@ -53,26 +53,56 @@ def test_accuracy_and_confusion_matrix(three_class):
 def test_per_class_figures_by_hand(three_class):
     per_class = three_class["per_class"]
     # normal: TP 3, FN 1 (row 0 rest), FP 1 (column 0 rest), TN 10 - 5 = 5
-    assert per_class["normal"] == pytest.approx({
-        "sensitivity": 3 / 4, "specificity": 5 / 6, "ppv": 3 / 4, "npv": 5 / 6,
-        "precision": 3 / 4, "recall": 3 / 4, "f1": 6 / 8,  # 2TP / (2TP + FP + FN) = 6 / 8
-        "prevalence": 4 / 10, "detection_rate": 3 / 10, "detection_prevalence": 4 / 10,
-        "balanced_accuracy": (3 / 4 + 5 / 6) / 2, "support": 4,
-    })
+    assert per_class["normal"] == pytest.approx(
+        {
+            "sensitivity": 3 / 4,
+            "specificity": 5 / 6,
+            "ppv": 3 / 4,
+            "npv": 5 / 6,
+            "precision": 3 / 4,
+            "recall": 3 / 4,
+            "f1": 6 / 8,  # 2TP / (2TP + FP + FN) = 6 / 8
+            "prevalence": 4 / 10,
+            "detection_rate": 3 / 10,
+            "detection_prevalence": 4 / 10,
+            "balanced_accuracy": (3 / 4 + 5 / 6) / 2,
+            "support": 4,
+        }
+    )
     # pneumonia: TP 1, FN 2, FP 1, TN 6
-    assert per_class["pneumonia"] == pytest.approx({
-        "sensitivity": 1 / 3, "specificity": 6 / 7, "ppv": 1 / 2, "npv": 6 / 8,
-        "precision": 1 / 2, "recall": 1 / 3, "f1": 2 / 5,  # 2 / (2 + 1 + 2)
-        "prevalence": 3 / 10, "detection_rate": 1 / 10, "detection_prevalence": 2 / 10,
-        "balanced_accuracy": 25 / 42, "support": 3,  # (7/21 + 18/21) / 2
-    })
+    assert per_class["pneumonia"] == pytest.approx(
+        {
+            "sensitivity": 1 / 3,
+            "specificity": 6 / 7,
+            "ppv": 1 / 2,
+            "npv": 6 / 8,
+            "precision": 1 / 2,
+            "recall": 1 / 3,
+            "f1": 2 / 5,  # 2 / (2 + 1 + 2)
+            "prevalence": 3 / 10,
+            "detection_rate": 1 / 10,
+            "detection_prevalence": 2 / 10,
+            "balanced_accuracy": 25 / 42,
+            "support": 3,  # (7/21 + 18/21) / 2
+        }
+    )
     # covid: TP 2, FN 1, FP 2, TN 5
-    assert per_class["covid"] == pytest.approx({
-        "sensitivity": 2 / 3, "specificity": 5 / 7, "ppv": 2 / 4, "npv": 5 / 6,
-        "precision": 2 / 4, "recall": 2 / 3, "f1": 4 / 7,  # 4 / (4 + 2 + 1)
-        "prevalence": 3 / 10, "detection_rate": 2 / 10, "detection_prevalence": 4 / 10,
-        "balanced_accuracy": 29 / 42, "support": 3,  # (14/21 + 15/21) / 2
-    })
+    assert per_class["covid"] == pytest.approx(
+        {
+            "sensitivity": 2 / 3,
+            "specificity": 5 / 7,
+            "ppv": 2 / 4,
+            "npv": 5 / 6,
+            "precision": 2 / 4,
+            "recall": 2 / 3,
+            "f1": 4 / 7,  # 4 / (4 + 2 + 1)
+            "prevalence": 3 / 10,
+            "detection_rate": 2 / 10,
+            "detection_prevalence": 4 / 10,
+            "balanced_accuracy": 29 / 42,
+            "support": 3,  # (14/21 + 15/21) / 2
+        }
+    )
 
 
 def test_macro_and_weighted_averages_by_hand(three_class):
@@ -248,7 +278,10 @@ def test_irma_accuracies_without_tables():
     assert report["accuracy"] == 1 / 4
     # technical: images 0, 1 (11** is not correct); directional: image 0; anatomical and biological: 0, 1, 2
     assert report["axis_accuracy"] == {
-        "technical": 2 / 4, "directional": 1 / 4, "anatomical": 3 / 4, "biological": 3 / 4
+        "technical": 2 / 4,
+        "directional": 1 / 4,
+        "anatomical": 3 / 4,
+        "biological": 3 / 4,
     }
     assert "error_score" not in report and report["note"] == IRMA_TABLES_NOTE
     assert "IRMA code tables" in report["note"]
@@ -375,8 +408,13 @@ def test_bad_confusion_matrix(tmp_path, matrix, message):
 
 
 HISTORY = [
-    {"epoch": epoch, "train_loss": 1.2 / epoch, "val_loss": 1.3 / epoch + 0.05 * epoch,
-     "train_accuracy": 1 - 0.5 / epoch, "val_accuracy": 0.95 - 0.5 / epoch}
+    {
+        "epoch": epoch,
+        "train_loss": 1.2 / epoch,
+        "val_loss": 1.3 / epoch + 0.05 * epoch,
+        "train_accuracy": 1 - 0.5 / epoch,
+        "val_accuracy": 0.95 - 0.5 / epoch,
+    }
     for epoch in range(1, 11)
 ]
 

@@ -3,6 +3,8 @@ hits out; images in, stored. Checked against the embedder's own answers and brut
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from cbmir.embed import Embedder
 from cbmir.imaging.preprocess import Preprocessing
 from cbmir.index import DuplicateImageError, Engine, Filters, IndexMismatchError, ModelStamp, QueryError
 from cbmir.labels import LabelSchema
+from cbmir.locations import Location
 from cbmir.models import create_model
 from cbmir.search import PreparedImage, Retrieval
 
@@ -34,7 +37,7 @@ def radiographs(count: int, seed: int = 0) -> list[np.ndarray]:
 def prepared(embedder: Embedder, images: list[np.ndarray], dataset: str = "chest") -> list[PreparedImage]:
     return [
         PreparedImage(
-            location=f"/x/{i}.png",
+            location=Location(Path(f"/x/{i}.png")),
             content_hash=f"{i:064x}",
             model_input=embedder.prepare(image),
             width=image.shape[1],

@@ -1,21 +1,24 @@
 """Training, checkpoints, the embedder and evaluation, on tiny synthetic phantoms (three IRMA codes)."""
 
 import json
+import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-import cbmir.train as training
-from cbmir.checkpoint import CheckpointError, load_checkpoint
+import cbmir.train.loop as loop
+from cbmir.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cbmir.datasets import Dataset, Record, open_dataset
 from cbmir.embed import Embedder
 from cbmir.irma import CodeTables
-from cbmir.models import ModelError
+from cbmir.models import ModelError, create_model
 from cbmir.synthetic import write_synthetic_archive
-from cbmir.train import TrainConfig, TrainingError, make_config, train
+from cbmir.train import STATE_FILE, TrainConfig, TrainingError, make_config, train
+from cbmir.train.state import write_state
 from tests.conftest import shared_path
 
 
@@ -64,8 +67,12 @@ def test_a_checkpoint_reproduces_its_metrics_in_a_fresh_process(trained, archive
         " None, split='test')\n"
         "print(json.dumps(figures))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(out), str(archive), str(tmp_path)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(out), str(archive), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     again = json.loads(result.stdout.strip().splitlines()[-1])
     assert again["images"] == recorded["images"]
     assert again["accuracy"] == pytest.approx(recorded["accuracy"])
@@ -77,11 +84,13 @@ def test_embedder_gives_unit_vectors_and_irma_predictions(trained, archive):
     _, out = trained
     embedder = Embedder(load_checkpoint(out), batch_size=4)
     pixels = [np.full((80, 60), value, np.uint8) for value in (10, 120, 250)]
-    embeddings, predictions = embedder.embed_and_predict(pixels)
+    embeddings = embedder.embed(pixels)
     assert embeddings.vectors.shape == (3, embedder.dimension) and embeddings.vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(embeddings.vectors, axis=1), 1.0, rtol=1e-5)
-    assert all(len(p.label) == 16 and set(p.axes) == {"technical", "directional", "anatomical", "biological"}
-               for p in predictions)
+    assert all(
+        len(p.label) == 16 and set(p.axes or ()) == {"technical", "directional", "anatomical", "biological"}
+        for p in embeddings.predictions
+    )
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(archive, tmp_path, monkeypatch):
@@ -89,7 +98,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(archive, tmp_path, monke
     dataset = open_dataset(archive)
     reference = train(dataset, config, tmp_path / "whole").model.state_dict()
 
-    real_evaluate_feed, calls = training.evaluate_feed, []
+    real_evaluate_feed, calls = loop.evaluate_feed, []
 
     def killed_in_epoch_three(*args, **kwargs):
         calls.append(1)
@@ -97,10 +106,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(archive, tmp_path, monke
             raise KeyboardInterrupt
         return real_evaluate_feed(*args, **kwargs)
 
-    monkeypatch.setattr(training, "evaluate_feed", killed_in_epoch_three)
+    monkeypatch.setattr(loop, "evaluate_feed", killed_in_epoch_three)
     with pytest.raises(KeyboardInterrupt):
         train(dataset, config, tmp_path / "interrupted")
-    monkeypatch.setattr(training, "evaluate_feed", real_evaluate_feed)
+    monkeypatch.setattr(loop, "evaluate_feed", real_evaluate_feed)
     resumed = train(dataset, config, tmp_path / "interrupted", resume=True)
     assert len(resumed.card["training"]["history"]) == 4
     for key, value in reference.items():
@@ -108,7 +117,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(archive, tmp_path, monke
 
 
 def test_resuming_with_other_settings_is_refused(archive, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "evaluate_feed", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(loop, "evaluate_feed", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         train(open_dataset(archive), small_cnn(), tmp_path)
     monkeypatch.undo()
@@ -124,21 +133,24 @@ def test_heads_mode_trains_on_cached_features_of_the_pretrained_lite0(archive, t
     assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2  # train views, validation
     trunk = [name for name, _ in checkpoint.model.named_parameters() if name.startswith("trunk.")]
     loaded = load_checkpoint(tmp_path)
-    pretrained = training.create_model("efficientnet-lite0-regional", loaded.schema.head_sizes, pretrained=True,
-                                       embedding_dim=64)
+    pretrained = create_model(
+        "efficientnet-lite0-regional", loaded.schema.head_sizes, pretrained=True, embedding_dim=64
+    )
     for name in trunk[:5]:  # the frozen trunk is still the ImageNet one
         torch.testing.assert_close(loaded.model.get_parameter(name), pretrained.get_parameter(name))
 
 
 def test_finetune_mode_trains_only_the_last_four_stages_of_the_default_trunk(archive, tmp_path):
-    config = make_config(mode="finetune", epochs=2, finetune_epochs=1, views=1, embedding_dim=32, batch_size=8,
-                         input_size=64)
+    config = make_config(
+        mode="finetune", epochs=2, finetune_epochs=1, views=1, embedding_dim=32, batch_size=8, input_size=64
+    )
     checkpoint = train(open_dataset(archive), config, tmp_path)
     stages = [row["stage"] for row in checkpoint.card["training"]["history"]]
     assert stages == ["heads", "heads", "finetune"]
-    imagenet = training.create_model("efficientnet-lite0-regional", checkpoint.schema.head_sizes, pretrained=True,
-                                     embedding_dim=32, input_size=64)
-    moved = {}
+    imagenet = create_model(
+        "efficientnet-lite0-regional", checkpoint.schema.head_sizes, pretrained=True, embedding_dim=32, input_size=64
+    )
+    moved: dict[str, bool] = {}
     for name, value in imagenet.trunk.named_parameters():
         block = name.split(".")[1] if name.startswith("blocks.") else "stem"
         moved[block] = moved.get(block, False) or not torch.equal(checkpoint.model.trunk.get_parameter(name), value)
@@ -148,8 +160,9 @@ def test_finetune_mode_trains_only_the_last_four_stages_of_the_default_trunk(arc
 def test_multi_label_training_reports_roc_auc(archive, tmp_path):
     rows = [line.split(";") for line in (archive / "codes.csv").read_text().splitlines()[1:]]
     findings = {"1123-127-500-000": ("Effusion",), "1121-110-411-700": (), "1121-120-200-700": ("Effusion", "Mass")}
-    records = [Record(image_id, archive / "images" / f"{image_id}.png", findings[code], "phantoms")
-               for image_id, code in rows]
+    records = [
+        Record(image_id, archive / "images" / f"{image_id}.png", findings[code], "phantoms") for image_id, code in rows
+    ]
     dataset = Dataset("phantoms", records, "multi-label", ("Effusion", "Mass"))
     checkpoint = train(dataset, small_cnn(), tmp_path)
     assert checkpoint.schema.task == "multi-label"
@@ -197,7 +210,12 @@ def test_config_file_with_a_recipe_and_overrides(tmp_path):
     path.write_text(json.dumps({"recipe": "tripathi-small", "epochs": 2}))
     config = TrainConfig.from_file(path, seed=7)
     assert (config.model, config.lr, config.batch_size, config.epochs, config.seed) == (
-        "small-cnn-tripathi", 1e-4, 32, 2, 7)
+        "small-cnn-tripathi",
+        1e-4,
+        32,
+        2,
+        7,
+    )
     path.write_text("[1, 2]")
     with pytest.raises(TrainingError, match="expected a JSON object"):
         TrainConfig.from_file(path)
@@ -213,9 +231,33 @@ def test_loading_a_broken_checkpoint_names_the_problem(trained, tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_a_failed_save_keeps_the_old_checkpoint_whole(trained, tmp_path, monkeypatch):
+    checkpoint, out = trained
+    for name in ("card.json", "model.pt"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, checkpoint.model, {**checkpoint.card, "created": "later"})
+    assert sorted(os.listdir(tmp_path)) == ["card.json", "model.pt"]  # no staging folder left
+    assert load_checkpoint(tmp_path).card == json.loads((out / "card.json").read_text())
+
+
+def test_a_failed_state_write_keeps_the_previous_state(tmp_path):
+    path = tmp_path / STATE_FILE
+    write_state(path, {"stage": "heads", "history": [1.0]})
+    with pytest.raises(TypeError, match="cannot pickle"):
+        write_state(path, {"stage": "heads", "history": [threading.Lock()]})
+    assert torch.load(path, weights_only=True) == {"stage": "heads", "history": [1.0]}
+    assert os.listdir(tmp_path) == [STATE_FILE]
+
+
 @pytest.mark.parametrize("losses, epochs_run", [([3.0, 2.0, 1.0, 0.5], 4), ([1.0, 1.0, 1.0, 1.0], 3)])
 def test_early_stopping_waits_patience_epochs_without_improvement(archive, tmp_path, monkeypatch, losses, epochs_run):
     scripted = iter(losses)
-    monkeypatch.setattr(training, "evaluate_feed", lambda *args, **kwargs: (next(scripted), 0.5))
+    monkeypatch.setattr(loop, "evaluate_feed", lambda *args, **kwargs: (next(scripted), 0.5))
     checkpoint = train(open_dataset(archive), small_cnn(epochs=4, patience=1), tmp_path)
     assert len(checkpoint.card["training"]["history"]) == epochs_run

@@ -22,21 +22,22 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cbmir.datasets import IMAGE_SUFFIXES, SPLITS, Record, Split, load_medmnist_image
+from cbmir.datasets import read_pixels
 from cbmir.errors import CbmirError
 from cbmir.files import write_atomically
 from cbmir.imaging.io import Radiograph, read_image
+from cbmir.imaging.listing import IMAGE_SUFFIXES
 from cbmir.imaging.preprocess import to_uint8, to_uint16
 from cbmir.index import DuplicateImageError, ImageRow
 from cbmir.irma import AXES, AXIS_LENGTHS, CodeTables, IrmaCode, IrmaCodeError, short_text, significant
 from cbmir.labels import Prediction
+from cbmir.locations import Location
 from cbmir.search import PreparedImage, Retrieval
 from indexer.pipeline import dicom_tags
 
 UPLOADS, THUMBNAILS = "uploads", "thumbnails"
 THUMBNAIL_SIDE = 320
 UPLOAD_NAME = "upload_name"  # the key in `extra` of the file name an uploaded image was sent with
-_SPLITS: dict[str, Split] = {split: split for split in SPLITS}  # archive member split names, by text
 
 
 class InvalidCodeError(CbmirError):
@@ -127,21 +128,13 @@ class Catalog:
 
     @staticmethod
     def name(row: ImageRow) -> str:
-        """What an image is called in answers: the name it was uploaded with, else its file name (with
-        #split/index for an archive member)."""
-        path, _, position = row.location.partition("#")
-        return str(row.extra.get(UPLOAD_NAME) or Path(path).name + (f"#{position}" if position else ""))
+        """What an image is called in answers: the name it was uploaded with, else its location's name."""
+        return str(row.extra.get(UPLOAD_NAME) or Location.parse(row.location).name)
 
     def source_pixels(self, row: ImageRow) -> np.ndarray:
         """The pixels of a stored image, read again from where it was indexed from."""
-        path, _, position = row.location.partition("#")
         try:
-            if position:
-                split, index = position.split("/")
-                # an unknown split name becomes None, which load_medmnist_image refuses
-                record = Record(position, Path(path), (), "index", _SPLITS.get(split), int(index))
-                return load_medmnist_image(record)
-            return read_image(path, max_pixels=self.max_pixels).pixels
+            return read_pixels(Location.parse(row.location), max_pixels=self.max_pixels)
         except (CbmirError, OSError, ValueError) as error:
             raise OriginalUnavailableError(f"the original of this image cannot be read any more ({error})") from None
 
@@ -165,11 +158,10 @@ class Catalog:
             raise OriginalsDisabledError(
                 "this server serves thumbnails only (start it with --allow-originals to serve originals)"
             )
-        location = self.row(image_id).location
-        path = Path(location.partition("#")[0])
-        if "#" in location or not path.is_file():
+        location = Location.parse(self.row(image_id).location)
+        if not location.is_file or not location.path.is_file():
             raise OriginalUnavailableError(f"the original file of image {image_id} is not available")
-        return path
+        return location.path
 
     def read_upload(self, name: str, data: bytes) -> Radiograph:
         """The radiograph in an uploaded file; an `ImageReadError` says why not."""
@@ -191,7 +183,7 @@ class Catalog:
             suffix, kept = Path(name).suffix.lower(), data
         stored = self.engine.folder / UPLOADS / (content_hash + (suffix if suffix in IMAGE_SUFFIXES else ""))
         image = PreparedImage(
-            location=stored.absolute().as_posix(),
+            location=Location(stored.absolute()),
             content_hash=content_hash,
             model_input=self.retrieval.embedder.prepare(radiograph.pixels),
             width=int(radiograph.pixels.shape[1]),
@@ -214,7 +206,7 @@ class Catalog:
         row = self.row(image_id)
         self.engine.remove([image_id])
         (self.engine.folder / THUMBNAILS / f"{image_id}.png").unlink(missing_ok=True)
-        uploaded = Path(row.location)
+        uploaded = Location.parse(row.location).path
         if uploaded.parent == self.engine.folder.absolute() / UPLOADS:
             uploaded.unlink(missing_ok=True)
 

@@ -1,11 +1,13 @@
-"""Tests of cbmir.datasets. Every reader runs on tiny layouts written to tmp_path (image files hold placeholder
-bytes: readers list files, they do not decode them); the tests using `shared_path` check the counts of the real
-archives in the shared data folder and skip with a reason when it is absent."""
+"""Tests of the dataset readers and `open_dataset`. Every reader runs on tiny layouts written to tmp_path
+(image files hold placeholder bytes: readers list files, they do not decode them; tests/datasets/test_layouts.py
+decodes them); the tests using `shared_path` check the counts of the real archives in the shared data folder
+and skip with a reason when it is absent."""
 
 import gzip
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from cbmir.datasets import (
     Dataset,
     DatasetError,
     Record,
+    layouts,
     load_medmnist_image,
     open_dataset,
     read_class_folders,
@@ -22,7 +25,7 @@ from cbmir.datasets import (
     read_irma,
     read_medmnist,
     read_nih,
-    stratified_split,
+    register_layout,
 )
 from cbmir.errors import CbmirError
 from tests.conftest import shared_path
@@ -52,19 +55,19 @@ def only_problem(dataset: Dataset, kind: str):
 
 
 def test_record_label_is_the_single_label_or_a_clear_error():
-    single = Record("a", Path("a.png"), ["x"], "set")
+    single = Record("a", Path("a.png"), ["x"], "set")  # type: ignore[arg-type]  # made a tuple
     assert single.label == "x" and single.labels == ("x",)
     for labels in ((), ("x", "y")):
         with pytest.raises(DatasetError, match=f"has {len(labels)} labels"):
-            Record("b", Path("b.png"), labels, "set").label
+            _ = Record("b", Path("b.png"), labels, "set").label
 
 
 def test_record_is_immutable_and_hashable_with_extra():
-    record = Record("a", "a.png", ("x",), "set", extra={"view": "PA"})
+    record = Record("a", "a.png", ("x",), "set", extra={"view": "PA"})  # type: ignore[arg-type]  # made a Path
     assert isinstance(record.path, Path)
     with pytest.raises(TypeError):
-        record.extra["view"] = "AP"
-    assert {record, Record("a", "a.png", ("x",), "set", extra={"view": "PA"})} == {record}
+        record.extra["view"] = "AP"  # type: ignore[index]
+    assert {record, Record("a", Path("a.png"), ("x",), "set", extra={"view": "PA"})} == {record}
     assert issubclass(DatasetError, CbmirError)
 
 
@@ -151,6 +154,12 @@ def test_read_irma_without_table_is_an_error(tmp_path):
         read_irma(tmp_path / "absent")
 
 
+def test_read_irma_ignores_hidden_files(tmp_path):
+    folder = irma_layout(tmp_path, [f"1;{CHEST}"], ["1.png", "._1.png", ".2.png"])
+    dataset = read_irma(folder)
+    assert [r.path.name for r in dataset.records] == ["1.png"] and not dataset.problems
+
+
 # --- class folders ----------------------------------------------------------------------------------------
 
 
@@ -193,6 +202,13 @@ def test_read_class_folders_without_images_is_an_error(tmp_path):
     touch(tmp_path / "A" / "readme.txt")
     with pytest.raises(DatasetError, match="no images in class folders"):
         read_class_folders(tmp_path)
+
+
+def test_read_class_folders_reads_every_image_suffix_in_any_case(tmp_path):
+    for name in ("a.PNG", "b.dicom", "c.Tiff", "d.dcm"):
+        touch(tmp_path / "A" / name)
+    touch(tmp_path / "B" / "e.jpg")
+    assert [r.id for r in read_class_folders(tmp_path).records] == ["a", "b", "c", "d", "e"]
 
 
 # --- NIH --------------------------------------------------------------------------------------------------
@@ -272,15 +288,26 @@ def test_read_dicom_folder_labelled_by_csv(tmp_path):
     root = dicom_tree(tmp_path / "tree")
     write_dicom(root / "p3" / "single.dcm")
     labels = tmp_path / "labels.csv"
-    rows = ["file,label", "p1/s1/IM1.dcm,chest", "p2/1.2.840.5,hand", "single,skull", "IM1,chest", "absent.dcm,x",
-            "p1/s1/IM1,hand"]
+    rows = [
+        "file,label",
+        "p1/s1/IM1.dcm,chest",
+        "p2/1.2.840.5,hand",
+        "single,skull",
+        "IM1,chest",
+        "absent.dcm,x",
+        "p1/s1/IM1,hand",
+    ]
     labels.write_text("\n".join(rows) + "\n")
     dataset = read_dicom_folder(root, labels)
-    assert [(r.id, r.label) for r in dataset.records] == [("p1/s1/IM1", "chest"), ("p2/1.2.840.5", "hand"),
-                                                          ("p3/single", "skull")]
+    assert [(r.id, r.label) for r in dataset.records] == [
+        ("p1/s1/IM1", "chest"),
+        ("p2/1.2.840.5", "hand"),
+        ("p3/single", "skull"),
+    ]
     assert dataset.problem_counts == {"duplicate-id": 1, "missing-file": 2, "unlisted-file": 1}
-    assert [(p.line, p.detail.startswith("names several files")) for p in dataset.problems
-            if p.kind == "missing-file"] == [(5, True), (6, False)]
+    assert [
+        (p.line, p.detail.startswith("names several files")) for p in dataset.problems if p.kind == "missing-file"
+    ] == [(5, True), (6, False)]
     assert only_problem(dataset, "duplicate-id").line == 7
     assert only_problem(dataset, "unlisted-file").file == root / "p1" / "s2" / "IM1.dcm"
 
@@ -291,17 +318,25 @@ def test_read_dicom_folder_without_dicom_is_an_error(tmp_path):
         read_dicom_folder(tmp_path)
 
 
+def test_read_dicom_folder_takes_dicom_suffix_files_by_their_magic(tmp_path):
+    write_dicom(tmp_path / "a.dicom")
+    touch(tmp_path / "b.dicom", b"no magic" * 20)
+    write_dicom(tmp_path / "c.png")  # another format's suffix: never taken for DICOM
+    assert [r.id for r in read_dicom_folder(tmp_path).records] == ["a.dicom"]
+
+
 # --- MedMNIST ---------------------------------------------------------------------------------------------
 
 
 def write_medmnist(path: Path, sizes=(5, 2, 3), labels=None, channels: int | None = None) -> Path:
     rng = np.random.default_rng(0)
-    arrays = {}
-    for prefix, size in zip(("train", "val", "test"), sizes):
+    arrays: dict[str, Any] = {}
+    for prefix, size in zip(("train", "val", "test"), sizes, strict=True):
         shape = (size, 6, 6) if channels is None else (size, 6, 6, channels)
         arrays[f"{prefix}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
-        arrays[f"{prefix}_labels"] = (np.arange(size) % 2).reshape(-1, 1).astype(np.uint8) if labels is None \
-            else labels[prefix]
+        arrays[f"{prefix}_labels"] = (
+            (np.arange(size) % 2).reshape(-1, 1).astype(np.uint8) if labels is None else labels[prefix]
+        )
     np.savez_compressed(path, **arrays)
     return path
 
@@ -312,7 +347,12 @@ def test_read_medmnist_records_and_images(tmp_path):
     assert Counter(r.split for r in dataset.records) == {"train": 5, "validation": 2, "test": 3}
     record = dataset.records[6]
     assert (record.id, record.split, record.index, record.label, record.path) == (
-        "validation-1", "validation", 1, "pneumonia", npz)
+        "validation-1",
+        "validation",
+        1,
+        "pneumonia",
+        npz,
+    )
     with np.load(npz) as archive:
         expected = archive["val_images"][1]
     image = load_medmnist_image(record)
@@ -333,15 +373,21 @@ def test_load_medmnist_image_follows_a_rewritten_archive_and_converts_colour(tmp
 
 
 def test_read_medmnist_unknown_labels_and_multi_label(tmp_path):
-    labels = {"train": np.array([[0], [1], [7]], np.uint8), "val": np.zeros((1, 1), np.uint8),
-              "test": np.ones((1, 1), np.uint8)}
+    labels = {
+        "train": np.array([[0], [1], [7]], np.uint8),
+        "val": np.zeros((1, 1), np.uint8),
+        "test": np.ones((1, 1), np.uint8),
+    }
     dataset = read_medmnist(write_medmnist(tmp_path / "a.npz", (3, 1, 1), labels), ["no", "yes"])
     assert len(dataset) == 4
     problem = only_problem(dataset, "unknown-label")
     assert (problem.line, problem.row) == (2, "train_labels[2] = [7]")
 
-    multi = {"train": np.array([[1, 0, 1], [0, 0, 0]], np.uint8), "val": np.array([[0, 1, 0]], np.uint8),
-             "test": np.array([[1, 1, 0]], np.uint8)}
+    multi = {
+        "train": np.array([[1, 0, 1], [0, 0, 0]], np.uint8),
+        "val": np.array([[0, 1, 0]], np.uint8),
+        "test": np.array([[1, 1, 0]], np.uint8),
+    }
     dataset = read_medmnist(write_medmnist(tmp_path / "b.npz", (2, 1, 1), multi), ["x", "y", "z"])
     assert dataset.task == "multi-label"
     assert [r.labels for r in dataset.records] == [("x", "z"), (), ("y",), ("x", "y")]
@@ -357,6 +403,12 @@ def test_read_medmnist_rejects_bad_archives(tmp_path):
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(DatasetError, match="not a readable"):
         read_medmnist(tmp_path / "broken.npz")
+
+
+def test_load_medmnist_image_names_an_index_the_archive_lacks(tmp_path):
+    npz = write_medmnist(tmp_path / "tiny.npz")
+    with pytest.raises(DatasetError, match="tiny.npz: val_images has 2 images, no image 5"):
+        load_medmnist_image(Record("x", npz, ("0",), "set", "validation", 5))
 
 
 # --- detection --------------------------------------------------------------------------------------------
@@ -386,59 +438,18 @@ def test_open_dataset_lists_the_supported_layouts_when_nothing_fits(tmp_path):
         open_dataset(tmp_path / "absent")
 
 
-# --- splitting --------------------------------------------------------------------------------------------
+def test_open_dataset_lists_every_registered_layout_in_order(tmp_path):
+    with pytest.raises(DatasetError) as raised:
+        open_dataset(touch(tmp_path / "notes.txt"))
+    listed = str(raised.value).split("Supported layouts:\n")[1].splitlines()
+    assert listed == [f"  - {layout.describe}" for layout in layouts()]
+    assert [layout.name for layout in layouts()] == ["irma", "medmnist", "nih", "dicom", "class-folders"]
 
 
-def labelled(counts: dict[str, int]) -> list[Record]:
-    return [Record(f"{label}{n}", Path(f"{label}{n}.png"), (label,), "set") for label, count in counts.items()
-            for n in range(count)]
-
-
-def assert_partition(records, splits):
-    assert list(splits) == ["train", "validation", "test"]
-    ids = [r.id for part in splits.values() for r in part]
-    assert sorted(ids) == sorted(r.id for r in records)
-
-
-def test_stratified_split_is_stratified_deterministic_and_loses_nothing():
-    records = labelled({"a": 50, "b": 30, "c": 20})
-    splits = stratified_split(records)
-    assert_partition(records, splits)
-    assert {name: Counter(r.label for r in part) for name, part in splits.items()} == {
-        "train": {"a": 40, "b": 24, "c": 16},
-        "validation": {"a": 5, "b": 3, "c": 2},
-        "test": {"a": 5, "b": 3, "c": 2},
-    }
-    assert stratified_split(list(reversed(records))) == {k: list(reversed(v)) for k, v in splits.items()}
-    assert stratified_split(records, seed=1) != splits
-    assert stratified_split(records, seed=1) == stratified_split(records, seed=1)
-
-
-def test_stratified_split_keeps_small_classes_in_train():
-    records = labelled({"big": 40, "single": 1, "pair": 2, "five": 5})
-    splits = stratified_split(records)
-    assert_partition(records, splits)
-    held_out = Counter(r.label for name in ("validation", "test") for r in splits[name])
-    assert held_out == {"big": 8, "five": 2}
-    two_way = stratified_split(records, fractions=(0.5, 0, 0.5))
-    assert Counter(r.label for r in two_way["test"]) == {"big": 20, "pair": 1, "five": 3} and not two_way["validation"]
-
-
-def test_stratified_split_multi_label_pools_rare_combinations():
-    records = [Record(f"r{n}", Path(f"r{n}"), labels, "set") for n, labels in enumerate(
-        [()] * 30 + [("Mass",)] * 10 + [("Edema", "Mass"), ("Effusion", "Mass"), ("Edema", "Effusion")] * 4
-        + [("Hernia", "Mass")])]
-    splits = stratified_split(records)
-    assert_partition(records, splits)
-    assert [len(part) for part in splits.values()] == [43, 5, 5]
-    assert any(len(r.labels) == 2 for name in ("validation", "test") for r in splits[name])
-    assert ("Hernia", "Mass") in {r.labels for r in splits["train"]}
-
-
-def test_stratified_split_checks_fractions_and_accepts_nothing():
-    with pytest.raises(DatasetError, match="fractions"):
-        stratified_split(labelled({"a": 3}), fractions=(0.8, 0.3, 0.1))
-    assert stratified_split([]) == {"train": [], "validation": [], "test": []}
+def test_register_layout_refuses_a_name_twice():
+    [first, *_] = layouts()
+    with pytest.raises(DatasetError, match="already registered"):
+        register_layout(first.name, detect=first.detect, read=first.read, describe="again", order=0)
 
 
 # --- real data --------------------------------------------------------------------------------------------
@@ -456,7 +467,7 @@ def test_real_nih1000_with_the_nih_table():
     dataset = read_nih(shared_path("chest/nih1000"), shared_path("chest/nih_Data_Entry_2017_v2020.csv.gz"))
     assert len(dataset) == 1000 and not dataset.problems and dataset.classes == NIH_FINDINGS
     assert Counter(r.split for r in dataset.records) == {"train": 600, "validation": 200, "test": 200}
-    by_folder = {"0_normal": [], "1_abnormal": []}
+    by_folder: dict[str, list[Record]] = {"0_normal": [], "1_abnormal": []}
     for record in dataset.records:
         by_folder[record.path.parent.name].append(record)
     assert all(r.labels for r in by_folder["1_abnormal"])

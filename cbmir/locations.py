@@ -1,0 +1,117 @@
+"""Where an image's pixels live, as one value: `Location`. It is built from a dataset record and parsed from
+the text an index stores in exactly one place, here.
+
+Kinds: a ``file`` (an image file), or a ``member`` of an archive (one row of a split of a MedMNIST ``.npz``).
+The stored text is the one indexes have always held, so indexes built before this type still open:
+
+- a file: its path in posix form (absolute for everything the indexer and the service write);
+- a member: the archive's path, ``#``, then ``<split>/<index>`` (``/data/pneumoniamnist.npz#test/12``).
+
+The member is what follows the last ``#`` when that has the form ``<word>/<digits>``; any other ``#`` is part
+of a file name (``/scans/case#2.png`` is a file). A later kind that is not on a disk (a DICOMweb instance)
+gets its own field and a text with a URL scheme, which no path text starts with.
+
+Reading the pixels of a location is `cbmir.datasets.read_pixels`: the readers of archive members belong to
+their dataset layouts, which sit above this module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, cast, get_args
+
+from cbmir.errors import CbmirError
+
+if TYPE_CHECKING:
+    from cbmir.datasets.records import Record
+
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = get_args(Split)
+LocationKind = Literal["file", "member"]
+
+# What follows the last "#" of a member's text; an unknown split in this form is an error, not a file name.
+_MEMBER = re.compile(r"#(?P<split>[A-Za-z]+)/(?P<index>[0-9]+)$")
+
+
+class LocationError(CbmirError):
+    """A location text or value that does not say where an image is."""
+
+
+@dataclass(frozen=True)
+class ArchiveMember:
+    """One image of an archive: row `index` of the images of split `split`."""
+
+    split: Split
+    index: int
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise LocationError(f"archive member split {self.split!r} is not one of {', '.join(SPLITS)}")
+        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
+            raise LocationError(f"archive member index {self.index!r} is not a non-negative integer")
+
+    def __str__(self) -> str:
+        return f"{self.split}/{self.index}"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where the pixels of one image are: the file `path`, or the `member` of the archive at `path`."""
+
+    path: Path
+    member: ArchiveMember | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.path == Path():
+            raise LocationError("no file path")
+        if self.member is None and _MEMBER.search(self.path.as_posix()):
+            raise LocationError(
+                f"file {self.path.as_posix()!r} ends like an archive member (#split/index), so its location "
+                "could not be told apart from one: rename the file or its folder"
+            )
+
+    @classmethod
+    def of(cls, record: Record) -> Location:
+        """Where a dataset record's pixels are. File paths are made absolute, so that the stored location
+        is found from any working folder."""
+        path = record.path.absolute()
+        if record.index is None:
+            return cls(path)
+        if record.split is None:
+            raise LocationError(f"record {record.id!r} of {record.source!r} has an array index but no split")
+        return cls(path, ArchiveMember(record.split, record.index))
+
+    @classmethod
+    def parse(cls, text: str) -> Location:
+        """The location a stored text names; `LocationError` naming the text and the reason when it names none."""
+        try:
+            if not text.strip():
+                raise LocationError("empty")
+            found = _MEMBER.search(text)
+            if found is None:
+                return cls(Path(text))
+            member = ArchiveMember(cast(Split, found["split"]), int(found["index"]))  # which checks the split
+            return cls(Path(text[: found.start()]), member)
+        except LocationError as error:
+            raise LocationError(f"location {text!r}: {error}") from None
+
+    def __str__(self) -> str:
+        path = self.path.as_posix()
+        return path if self.member is None else f"{path}#{self.member}"
+
+    @property
+    def kind(self) -> LocationKind:
+        return "file" if self.member is None else "member"
+
+    @property
+    def is_file(self) -> bool:
+        """Whether the pixels are a file of their own (which can be served as the original)."""
+        return self.member is None
+
+    @property
+    def name(self) -> str:
+        """What people see: the file name, with ``#split/index`` for an archive member."""
+        return self.path.name if self.member is None else f"{self.path.name}#{self.member}"

@@ -1,0 +1,176 @@
+"""A whole training run: data, model, the stages of its mode, evaluation and the checkpoint folder.
+
+The run writes its resume state (`cbmir.train.state`) into the output folder as it goes and removes it
+only after the checkpoint, the split and the plots are written; a run interrupted at any point and started
+again with `resume` continues after its last finished epoch and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cbmir.checkpoint import Checkpoint, new_card, save_checkpoint
+from cbmir.datasets import Dataset
+from cbmir.embed import default_device
+from cbmir.evaluate import choose_irma_threshold, evaluate_images
+from cbmir.files import write_atomically
+from cbmir.imaging.preprocess import preset
+from cbmir.irma import CodeTables
+from cbmir.labels import LabelSchema
+from cbmir.metrics import plot_history
+from cbmir.models import RadiographNet, create_model, model_info
+from cbmir.prepared import PreparedImages, prepare_images
+from cbmir.train.config import TrainConfig, TrainingError
+from cbmir.train.data import check_parts, choose_task, datafingerprint, split_records
+from cbmir.train.loop import FeatureFeed, Feed, ImageFeed, cached_views, run_stage
+from cbmir.train.objective import Objective
+from cbmir.train.state import STATE_FILE, EpochRecord, record_finished_stage, start_state
+
+
+def build_model(config: TrainConfig, schema: LabelSchema) -> RadiographNet:
+    """The model the config names, with heads for the schema and its trunk's starting weights; a
+    `TrainingError` when the options do not fit the data or `heads` mode has no pretrained trunk."""
+    options = dict(config.model_options)
+    if config.input_size is not None:
+        options["input_size"] = config.input_size
+    if isinstance(options.get("healthy_class"), str):
+        classes = schema.heads.get("label", ())
+        if options["healthy_class"] not in classes:
+            raise TrainingError(
+                f"healthy_class {options['healthy_class']!r} is not a class of the data {list(classes)}"
+            )
+        options["healthy_class"] = classes.index(options["healthy_class"])
+    info = model_info(config.model)
+    pretrained: bool | str
+    if config.pretrained == "packaged":
+        pretrained = info.pretrained is not None
+        if not pretrained:
+            tqdm.write(f"note: {config.model} has no packaged pretrained weights; its trunk starts from random init")
+    elif config.pretrained == "none":
+        pretrained = False
+    else:
+        pretrained = config.pretrained
+    if config.mode == "heads" and not pretrained:
+        raise TrainingError(
+            f"mode 'heads' trains only the heads on a frozen trunk, which needs pretrained weights: "
+            f"{config.model} has none here; use mode 'full' or give pretrained=PATH"
+        )
+    return create_model(
+        config.model, schema.head_sizes, pretrained=pretrained, embedding_dim=config.embedding_dim, **options
+    )
+
+
+def train(
+    dataset: Dataset, config: TrainConfig, out: Path, *, resume: bool = False, tables: CodeTables | None = None
+) -> Checkpoint:
+    """Train on `dataset` and write a checkpoint folder to `out` (model, card, split, plots, evaluation).
+
+    With `resume`, a training state left in `out` by an interrupted run with the same settings continues after
+    its last finished epoch. `tables` (IRMA code tables) lets the per-axis model choose its `*` threshold on
+    the validation part by the ImageCLEF error score; without them it never stops early. Uses torch's
+    process-wide thread count as the program set it.
+    """
+    out = Path(out)
+    started = time.time()
+    torch.manual_seed(config.seed)
+    if not dataset.records:
+        raise TrainingError(f"dataset {dataset.name} has no usable records")
+    task = choose_task(dataset.records) if config.task == "auto" else config.task
+    schema = LabelSchema.from_labels(task, [record.labels for record in dataset.records])
+    parts = split_records(dataset, config)
+    check_parts(parts, schema)
+    model = build_model(config, schema)
+    pipeline = preset(config.preset, size=model.input_size)
+    device = default_device()
+    model.to(device).to(memory_format=torch.channels_last)
+
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"config": dataclasses.asdict(config), "task": task, "data": datafingerprint(parts["train"])}
+    saved = start_state(out, settings, resume)
+    cache = out / "cache"
+    prepared = {name: prepare_images(records, pipeline, cache, f"preprocess {name}") for name, records in parts.items()}
+    failures = [failure for part in prepared.values() for failure in part.failures]
+    for failure in failures:
+        tqdm.write(f"skipped: {failure}")
+    train_part, val_part = prepared["train"], prepared["validation"]
+    group_ids: dict[str, int] = {}
+
+    def objective_for(part: PreparedImages) -> Objective:
+        labels = [record.labels for record in part.records]
+        groups = np.array([group_ids.setdefault("|".join(lab), len(group_ids)) for lab in labels], np.int64)
+        return Objective(schema, schema.targets(labels), groups, config)
+
+    train_objective, val_objective = objective_for(train_part), objective_for(val_part)
+    history: list[EpochRecord] = []
+    stages = ["heads"] if config.mode in ("heads", "finetune") else []
+    stages += ["finetune"] if config.mode == "finetune" else ["full"] if config.mode == "full" else []
+    for stage in stages:
+        if stage in saved["finished"]:
+            model.load_state_dict(saved["stage_models"][stage])
+            history += saved["stage_history"][stage]
+            continue
+        feed: Feed
+        if stage == "heads":
+            model.set_trainable(0)
+            feed = FeatureFeed(
+                cached_views(model, train_part, config, cache, device, config.views, "train"),
+                cached_views(model, val_part, config, cache, device, 1, "validation")[0],
+            )
+            epochs, lr = config.epochs, config.lr
+        else:
+            model.set_trainable(config.finetune_blocks if stage == "finetune" else -1)
+            feed = ImageFeed(train_part.images, val_part.images, config.rotation, device)
+            finetune = stage == "finetune"
+            epochs, lr = (config.finetune_epochs, config.finetune_lr) if finetune else (config.epochs, config.lr)
+        current = saved["current"]
+        stage_state = current if current is not None and current["stage"] == stage else None
+        result = run_stage(
+            stage,
+            model,
+            feed,
+            train_objective,
+            val_objective,
+            config,
+            epochs=epochs,
+            lr=lr,
+            state_path=out / f"{stage}-{STATE_FILE}",
+            saved=stage_state,
+        )
+        history += result.history
+        saved = record_finished_stage(out, saved, stage, model, result.history)
+    model.eval()
+
+    checkpoint = Checkpoint(model, new_card(model, schema, pipeline), out)
+    if schema.task == "irma-axes":
+        threshold, note = choose_irma_threshold(checkpoint, val_part, tables)
+        checkpoint.card["irma_threshold"] = threshold
+        checkpoint.card["irma_threshold_note"] = note
+    metrics = {
+        name: evaluate_images(checkpoint, part, tables, out, name)
+        for name, part in prepared.items()
+        if part.records and name != "train"
+    }
+    checkpoint.card.update(
+        training={
+            **settings,
+            "dataset": dataset.name,
+            "counts": {name: len(part.records) for name, part in prepared.items()},
+            "skipped_files": failures,
+            "seconds": round(time.time() - started, 1),
+            "history": history,
+        },
+        metrics=metrics,
+    )
+    save_checkpoint(out, model, checkpoint.card)
+    split = {name: [r.id for r in part.records] for name, part in prepared.items()}
+    write_atomically(out / "split.json", json.dumps(split).encode())
+    plot_history([{**entry, "epoch": number} for number, entry in enumerate(history, 1)], out / "history.png")
+    (out / STATE_FILE).unlink()
+    return checkpoint
