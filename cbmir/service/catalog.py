@@ -196,7 +196,10 @@ class Catalog:
         try:
             result = self.retrieval.store([image])
         except DuplicateImageError:  # the same file, added by a concurrent request meanwhile
-            return self.engine.id_for_hash(content_hash), None  # type: ignore[return-value]
+            concurrent = self.engine.id_for_hash(content_hash)
+            if concurrent is None:  # and removed again since: report the duplicate as it was
+                raise
+            return concurrent, None
         except BaseException:
             stored.unlink(missing_ok=True)
             raise
