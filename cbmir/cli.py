@@ -8,13 +8,16 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import cv2
 import typer
 from tqdm import tqdm
 
 from cbmir.errors import CbmirError
+
+if TYPE_CHECKING:
+    from cbmir.service.settings import ServiceSettings
 
 app = typer.Typer(help="Content-based retrieval of radiographs.", no_args_is_help=True, add_completion=False)
 irma_app = typer.Typer(help="IRMA codes: decode and check.", no_args_is_help=True)
@@ -429,13 +432,14 @@ def serve(
     _run_service(settings)
 
 
-def _run_service(settings) -> None:
+def _run_service(settings: ServiceSettings) -> None:
     import uvicorn
 
+    from cbmir.embed import set_threads
     from cbmir.service import create_app
 
     settings.check_binding()
-    _start_torch()
+    set_threads(settings.threads)  # the service's own settings hold $CBMIR_THREADS: no second read
     app_instance = create_app(settings)
     typer.echo(f"cbmir: serving {settings.db} at http://{settings.host}:{settings.port}/ (API docs at /docs)")
     typer.echo(f"token: {settings.token}" if settings.token else "no token: reachable from this machine only")
