@@ -17,6 +17,7 @@ from tqdm import tqdm
 from cbmir.errors import CbmirError
 
 if TYPE_CHECKING:
+    from cbmir.embed import Runtime
     from cbmir.service.settings import ServiceSettings
 
 app = typer.Typer(help="Content-based retrieval of radiographs.", no_args_is_help=True, add_completion=False)
@@ -32,6 +33,23 @@ class CodeSourceOption(enum.StrEnum):
     best = "best"
     true = "true"
     predicted = "predicted"
+
+
+class RuntimeOption(enum.StrEnum):
+    """`cbmir.embed.Runtime` as a typer choice."""
+
+    auto = "auto"
+    onnx = "onnx"
+    torch = "torch"
+
+
+RuntimeChoice = Annotated[
+    RuntimeOption | None,
+    typer.Option(
+        help="Inference runtime: onnx (ONNX Runtime on the checkpoint's exported graph), torch, or auto (onnx "
+        "where the checkpoint has a current graph; default: $CBMIR_RUNTIME or auto)."
+    ),
+]
 
 
 def reports_errors(command: Callable) -> Callable:
@@ -139,6 +157,20 @@ def _start_torch() -> None:
     set_threads(_settings().threads)
 
 
+def _runtime(runtime: RuntimeOption | None) -> Runtime:
+    """The runtime asked for, else $CBMIR_RUNTIME (auto by default)."""
+    return runtime.value if runtime is not None else _settings().runtime
+
+
+def _embedder(model: Path, runtime: RuntimeOption | None, **options):
+    """The checkpoint's embedder in the runtime asked for (else $CBMIR_RUNTIME), with $CBMIR_THREADS."""
+    from cbmir.embed import Embedder
+
+    embedder = Embedder.load(model, runtime=_runtime(runtime), threads=_settings().threads, **options)
+    typer.echo(f"model runtime: {embedder.runtime_description}", err=True)
+    return embedder
+
+
 def _tables_folder(folder: Path | None) -> Path | None:
     """The code tables folder given, else $CBMIR_IRMA_TABLES, else None."""
     return folder or _settings().irma_tables
@@ -227,6 +259,61 @@ def _fmt(value) -> str:
 
 @app.command()
 @reports_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Radiographs to check the graph on (an archive or a folder; default: drawn phantoms)."),
+    ] = None,
+    count: Annotated[int, typer.Option(min=1, max=256, help="How many images to check on.")] = 16,
+) -> None:
+    """Export the checkpoint's model to an ONNX graph (model.onnx) for ONNX Runtime, checked against torch on
+    real inputs; the result and the differences measured go into its card. Training does this by itself."""
+    from cbmir.checkpoint import load_checkpoint
+    from cbmir.export import export_graph
+
+    _start_torch()
+    loaded = load_checkpoint(checkpoint)
+    samples, described = _check_images(images, count, loaded.pipeline)
+    section = export_graph(loaded, samples, described=described)
+    typer.echo(
+        f"wrote {checkpoint / section['file']}: on {section['checked_on']}, ONNX Runtime differs from torch by "
+        f"{section['max_abs_difference']['embedding']:.1e} (embedding) and "
+        f"{section['max_abs_difference']['logits']:.1e} (logits)"
+    )
+
+
+def _check_images(images: Path | None, count: int, pipeline):
+    """Up to `count` prepared inputs: readable radiographs of `images`, or drawn phantoms without it."""
+    import numpy as np
+
+    from cbmir.datasets import load_pixels
+    from cbmir.imaging.io import ImageReadError
+
+    if images is None:
+        from cbmir.synthetic import KINDS, phantom
+
+        rng = np.random.default_rng(0)
+        drawn = [phantom(KINDS[number % len(KINDS)], rng) for number in range(count)]
+        return np.stack([pipeline(pixels) for pixels in drawn]), "drawn phantoms (not radiographs)"
+    from indexer.pipeline import read_archive
+
+    name, records = read_archive(images)
+    prepared = []
+    for record in records:
+        try:
+            prepared.append(pipeline(load_pixels(record)))
+        except (ImageReadError, OSError):
+            continue
+        if len(prepared) == count:
+            break
+    if not prepared:
+        raise CbmirError(f"{images}: no readable image to check the export on")
+    return np.stack(prepared), f"images of {name}"
+
+
+@app.command()
+@reports_errors
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
     data: Annotated[Path, typer.Argument(help="Labelled archive in a supported layout.")],
@@ -234,6 +321,7 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="Only this split of the archive (train, validation, test).")] = None,
     tables: TablesOption = None,
     nih_table: NihTableOption = None,
+    runtime: RuntimeChoice = None,
 ) -> None:
     """Evaluate a checkpoint: accuracy, loss, confusion matrix, per-class figures (and per IRMA axis with the
     ImageCLEF error score), written as JSON, Markdown and PNG."""
@@ -245,7 +333,7 @@ def evaluate(
     loaded = load_checkpoint(checkpoint)
     dataset = open_dataset(data, **({"table": nih_table} if nih_table else {}))
     out.mkdir(parents=True, exist_ok=True)
-    headline = evaluate_dataset(loaded, dataset, out, _tables(tables), split=split)
+    headline = evaluate_dataset(loaded, dataset, out, _tables(tables), split=split, runtime=_runtime(runtime))
     typer.echo(", ".join(f"{key} {_fmt(value)}" for key, value in headline.items()))
     typer.echo(f"reports written to {out}")
 
@@ -274,15 +362,15 @@ def index(
         str | None, typer.Option(help="FAISS factory string (Flat, HNSW32, IVF1024,Flat) or auto.")
     ] = None,
     nih_table: NihTableOption = None,
+    runtime: RuntimeChoice = None,
 ) -> None:
     """Index an archive: embeddings and predicted codes into the search index. Re-running skips what is
     already indexed; unreadable files go into the failure report and never stop the run."""
-    from cbmir.embed import Embedder
     from cbmir.search import Retrieval
     from indexer.pipeline import index_records, read_archive
 
     _start_torch()
-    embedder = Embedder.load(model, batch_size=batch_size)
+    embedder = _embedder(model, runtime, batch_size=batch_size)
     name, records = read_archive(archive, **({"table": nih_table} if nih_table else {}))
     with Retrieval.open(db, embedder, index_type=index_type) as retrieval:
         summary = index_records(
@@ -311,9 +399,9 @@ def search(
     dataset: Annotated[str | None, typer.Option(help="Only images of this dataset.")] = None,
     label: Annotated[str | None, typer.Option(help="Only images with this label or finding.")] = None,
     tables: TablesOption = None,
+    runtime: RuntimeChoice = None,
 ) -> None:
     """Find the radiographs most similar to IMAGE, with the predicted code in words."""
-    from cbmir.embed import Embedder
     from cbmir.imaging.io import read_image
     from cbmir.index import Filters
     from cbmir.search import Retrieval
@@ -331,7 +419,7 @@ def search(
     pixels = read_image(image, max_pixels=_settings().max_pixels).pixels
     code_tables = _tables(tables)
     _start_torch()
-    with Retrieval.open(_existing_index(db), Embedder.load(model)) as retrieval:
+    with Retrieval.open(_existing_index(db), _embedder(model, runtime)) as retrieval:
         result = retrieval.search_image(pixels, k, filters)
     prediction, hits = result.prediction, result.hits
     typer.echo(f"predicted: {prediction.label} (confidence {prediction.confidence:.3f})")
@@ -409,6 +497,13 @@ def serve(
         list[str] | None,
         typer.Option(help="A DICOM tag to store with uploads besides the technical ones (repeatable)."),
     ] = None,
+    runtime: RuntimeChoice = None,
+    max_batch: Annotated[
+        int | None, typer.Option(min=1, max=256, help="Most images in one model run of joined searches (16).")
+    ] = None,
+    batch_wait_ms: Annotated[
+        float | None, typer.Option(min=0, max=1000, help="Longest wait for more searches before a model run (2 ms).")
+    ] = None,
 ) -> None:
     """Start the query service: the HTTP API (/v1, docs at /docs) and the web page (/). Every option can also
     be set as an environment variable CBMIR_<SETTING> (CBMIR_TOKEN, CBMIR_MAX_PIXELS, ...)."""
@@ -428,6 +523,9 @@ def serve(
         allow_originals=allow_originals,
         cors_origins=tuple(cors_origin) if cors_origin else None,
         dicom_tags=tuple(keep_dicom_tag) if keep_dicom_tag else None,
+        runtime=runtime.value if runtime is not None else None,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
     )
     _run_service(settings)
 

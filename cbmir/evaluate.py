@@ -13,7 +13,7 @@ import numpy as np
 
 from cbmir.checkpoint import Checkpoint
 from cbmir.datasets import Dataset
-from cbmir.embed import Embedder
+from cbmir.embed import Embedder, Runtime
 from cbmir.errors import CbmirError
 from cbmir.irma import CodeTables, IrmaCode, IrmaCodeError, run_error_score
 from cbmir.labels import LABEL_HEAD, decode_predictions
@@ -29,8 +29,8 @@ class EvaluationError(CbmirError):
 THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 
 
-def predict_part(checkpoint: Checkpoint, part: PreparedImages) -> dict[str, np.ndarray]:
-    return Embedder(checkpoint).embed_inputs(part.images).probabilities
+def predict_part(checkpoint: Checkpoint, part: PreparedImages, runtime: Runtime = "auto") -> dict[str, np.ndarray]:
+    return Embedder(checkpoint, runtime=runtime).embed_inputs(part.images).probabilities
 
 
 def choose_irma_threshold(checkpoint: Checkpoint, part: PreparedImages, tables: CodeTables | None) -> tuple[float, str]:
@@ -51,12 +51,18 @@ def choose_irma_threshold(checkpoint: Checkpoint, part: PreparedImages, tables: 
 
 
 def evaluate_images(
-    checkpoint: Checkpoint, part: PreparedImages, tables: CodeTables | None, out: Path, name: str
+    checkpoint: Checkpoint,
+    part: PreparedImages,
+    tables: CodeTables | None,
+    out: Path,
+    name: str,
+    runtime: Runtime = "auto",
 ) -> dict[str, Any]:
-    """Evaluate on preprocessed images. Writes `name`.json/.md into `out` with a section per report
-    (classification, findings, irma, and one per IRMA axis) and `name`-confusion.png; returns the headline."""
+    """Evaluate on preprocessed images, with the model in `runtime` (see `cbmir.embed`). Writes
+    `name`.json/.md into `out` with a section per report (classification, findings, irma, and one per IRMA
+    axis) and `name`-confusion.png; returns the headline."""
     schema = checkpoint.schema
-    probabilities = predict_part(checkpoint, part)
+    probabilities = predict_part(checkpoint, part, runtime)
     labels = [record.labels for record in part.records]
     sections: dict[str, dict[str, Any]] = {}
     headline: dict[str, Any] = {"images": len(labels)}
@@ -126,6 +132,7 @@ def evaluate_dataset(
     tables: CodeTables | None,
     split: str | None = None,
     name: str = "evaluation",
+    runtime: Runtime = "auto",
 ) -> dict[str, Any]:
     """Evaluate on a dataset read by `cbmir.datasets`, or on one split of it: the dataset's own split, or
     for a dataset without one, the split the checkpoint was trained with (its split.json)."""
@@ -135,7 +142,7 @@ def evaluate_dataset(
     if not records:
         raise EvaluationError(f"no records to evaluate in {dataset.name}" + (f" (split {split!r})" if split else ""))
     part = prepare_images(records, checkpoint.pipeline, Path(out) / "cache", f"preprocess {dataset.name}")
-    return evaluate_images(checkpoint, part, tables, Path(out), name)
+    return evaluate_images(checkpoint, part, tables, Path(out), name, runtime)
 
 
 def _checkpoint_split(checkpoint: Checkpoint, dataset: Dataset, split: str) -> list:

@@ -6,7 +6,7 @@ options, constructor arguments) take precedence over the environment. An invalid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,13 +24,16 @@ class SettingsError(CbmirError):
 
 class Settings(BaseSettings):
     """`irma_tables`: the folder of the IRMA code tables A.csv..D.csv (for words and the error score).
-    `threads`: torch's thread count for inference and training (None: every core). `max_pixels`: the
-    largest image read, in pixels, checked in its header before decoding (indexing, search, the service)."""
+    `threads`: the model's threads, torch's for training and both runtimes' for inference (None: every core).
+    `runtime`: the inference runtime, onnx, torch or auto (onnx where the checkpoint has a current graph;
+    see `cbmir.embed`). `max_pixels`: the largest image read, in pixels, checked in its header before
+    decoding (indexing, search, the service)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True)
 
     irma_tables: Path | None = None
     threads: int | None = Field(default=None, ge=1)
+    runtime: Literal["auto", "torch", "onnx"] = "auto"
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
 
 

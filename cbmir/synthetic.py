@@ -56,6 +56,7 @@ def _skull(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 
 _DRAW = {"chest": _chest, "hand": _hand, "skull": _skull}
+KINDS = tuple(_DRAW)
 
 
 def phantom(kind: str, rng: np.random.Generator, longest_side: int = 256) -> np.ndarray:
@@ -76,7 +77,7 @@ def write_synthetic_archive(folder: Path, per_kind: int = 8, longest_side: int =
     rng = np.random.default_rng(seed)
     rows = ["image_id;irma_code"]
     for number in range(per_kind * len(_DRAW)):
-        kind = list(_DRAW)[number % len(_DRAW)]
+        kind = KINDS[number % len(KINDS)]
         image_id = f"synthetic-{kind}-{number:04d}"
         cv2.imwrite(str(images / f"{image_id}.png"), phantom(kind, rng, longest_side))
         rows.append(f"{image_id};{PHANTOM_CODES[kind]}")

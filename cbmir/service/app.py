@@ -2,9 +2,11 @@
 page that uses it (served at `/`).
 
 The model and the index are loaded once, at start-up, and shared by every request: the engine serialises
-its own work and the embedder its model runs, so a search waits for the model only while the model runs.
-Route functions are plain functions, which FastAPI runs in its thread pool, so a slow image never blocks
-the others. Errors become JSON answers in one place (`cbmir.service.errors`).
+its own work, and the embedder joins concurrent searches into one model batch (micro-batching, see
+`cbmir.embed`), so a search waits for the model only while the model runs. Route functions are plain
+functions, which FastAPI runs in its thread pool: decoding and preprocessing run there, off the event loop
+and outside the model queue, so a slow image never holds up the others. Errors become JSON answers in one
+place (`cbmir.service.errors`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     """The service for `settings`, with the model and the index loaded now (so that a bad checkpoint or
     index is reported before the server starts); the index is closed when the server stops."""
     tables = CodeTables.load(settings.irma_tables) if settings.irma_tables else None
-    retrieval = Retrieval.open(settings.db, Embedder.load(settings.model))
+    embedder = Embedder.load(
+        settings.model,
+        runtime=settings.runtime,
+        batch_size=settings.max_batch,
+        batch_wait_ms=settings.batch_wait_ms,
+        threads=settings.threads,
+    )
+    retrieval = Retrieval.open(settings.db, embedder)
     catalog = Catalog(
         retrieval,
         tables,

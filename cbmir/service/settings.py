@@ -25,6 +25,8 @@ class ServiceSettings(Settings):
     `allow_originals`: serve the original files, not only thumbnails. `cors_origins`: web origins allowed to
     call the API from a browser (none by default). `dicom_tags`: DICOM tags stored beside uploaded images on
     top of the technical ones; never set it to patient-identifying tags unless the index may hold them.
+    `max_batch` and `batch_wait_ms`: concurrent searches are joined into one model run of up to `max_batch`
+    images, which waits up to `batch_wait_ms` for more searches before it starts (see `cbmir.embed`).
     Each is also read from ``CBMIR_<NAME>`` (``CBMIR_TOKEN``...)."""
 
     db: Path
@@ -36,6 +38,8 @@ class ServiceSettings(Settings):
     allow_originals: bool = False
     cors_origins: tuple[str, ...] = ()
     dicom_tags: tuple[str, ...] = ()
+    max_batch: int = Field(default=16, ge=1, le=256)
+    batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _check(self) -> Self:

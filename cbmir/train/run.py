@@ -20,6 +20,7 @@ from cbmir.checkpoint import Checkpoint, new_card, save_checkpoint
 from cbmir.datasets import Dataset
 from cbmir.embed import default_device
 from cbmir.evaluate import choose_irma_threshold, evaluate_images
+from cbmir.export import GraphError, export_graph
 from cbmir.files import write_atomically
 from cbmir.imaging.preprocess import preset
 from cbmir.irma import CodeTables
@@ -169,8 +170,27 @@ def train(
         metrics=metrics,
     )
     save_checkpoint(out, model, checkpoint.card)
+    export_for_inference(checkpoint, prepared)
     split = {name: [r.id for r in part.records] for name, part in prepared.items()}
     write_atomically(out / "split.json", json.dumps(split).encode())
     plot_history([{**entry, "epoch": number} for number, entry in enumerate(history, 1)], out / "history.png")
     (out / STATE_FILE).unlink()
     return checkpoint
+
+
+# Real images the exported graph is checked on against torch.
+EXPORT_CHECK_IMAGES = 16
+
+
+def export_for_inference(checkpoint: Checkpoint, prepared: dict[str, PreparedImages]) -> None:
+    """Write the checkpoint's ONNX graph for inference (`cbmir.export`), checked on up to
+    `EXPORT_CHECK_IMAGES` of its own validation (else test, else training) images. A model the exporter
+    cannot handle, or whose graph does not match torch, keeps torch as its runtime, with a note."""
+    part_name = next(
+        name for name in ("validation", "test", "train") if name in prepared and len(prepared[name].images)
+    )
+    samples = np.asarray(prepared[part_name].images[:EXPORT_CHECK_IMAGES])
+    try:
+        export_graph(checkpoint, samples, described=f"{part_name} images of {checkpoint.card['training']['dataset']}")
+    except GraphError as error:
+        tqdm.write(f"note: no ONNX graph, this model runs in torch: {error}")

@@ -1,0 +1,194 @@
+"""A checkpoint's model as an ONNX graph, for inference in ONNX Runtime, checked against torch.
+
+The graph (`model.onnx` in the checkpoint folder) takes prepared inputs exactly as `Embedder.prepare` makes
+them (uint8 N x H x W x 3, any N) and gives the unit-norm embedding and every head's logits, so ONNX Runtime
+runs all that torch runs, the input conversion included. An export is kept only if, on real inputs run
+through both, the embeddings differ from torch's by at most `EMBEDDING_TOLERANCE` and the logits by at most
+`LOGIT_TOLERANCE` (absolute, per value). The card's `onnx` section records the graph's and the weights'
+sha256, the differences measured, the inputs they were measured on and the library versions; `graph_for`
+accepts a graph only while both hashes still match, so a graph of other weights, or a foreign or damaged
+file, is refused, never used.
+
+Crash safety: the graph is written in full and fsynced before it replaces the old one, and the card is
+rewritten (atomically) after it. A crash in between leaves a card whose recorded sha256 does not match the
+file, which `graph_for` refuses as stale until the checkpoint is exported again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbmir.checkpoint import CARD_FILE, WEIGHTS_FILE, Checkpoint, CheckpointError
+from cbmir.errors import CbmirError
+from cbmir.files import write_atomically
+from cbmir.models import RadiographNet
+
+GRAPH_FILE = "model.onnx"
+INPUT_NAME, EMBEDDING_OUTPUT = "images", "embedding"
+LOGITS_PREFIX = "logits:"
+# Largest batch the graph accepts (the batch axis is dynamic from 1 to this).
+MAX_GRAPH_BATCH = 1024
+# Agreement demanded of ONNX Runtime with torch on the same inputs; float32 kernels that sum in another
+# order differ by about 1e-6 on this model, so these leave room for other CPUs without hiding a wrong graph.
+EMBEDDING_TOLERANCE = 1e-4
+LOGIT_TOLERANCE = 1e-3
+
+
+class GraphError(CbmirError):
+    """A checkpoint's ONNX graph that is missing, stale (other weights), damaged, or does not match torch."""
+
+
+def head_output(head: str) -> str:
+    return f"{LOGITS_PREFIX}{head}"
+
+
+class _GraphModule(nn.Module):
+    """What the graph computes: uint8 N x H x W x 3 -> (unit embedding, logits of each head in order)."""
+
+    def __init__(self, model: RadiographNet):
+        super().__init__()
+        self.model = model
+        self.heads = list(model.head_sizes)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.model(images.permute(0, 3, 1, 2).float())
+        return (F.normalize(output.features, dim=1), *(output.logits[head] for head in self.heads))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far ONNX Runtime's outputs are from torch's on the same inputs."""
+
+    embedding: float
+    logits: float
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.embedding <= EMBEDDING_TOLERANCE and self.logits <= LOGIT_TOLERANCE
+
+
+def export_graph(checkpoint: Checkpoint, samples: np.ndarray, *, described: str) -> dict[str, Any]:
+    """Export `checkpoint`'s model (which must have been saved to its folder) to `model.onnx` there, check it
+    against torch on `samples` (prepared inputs, uint8 N x H x W x 3; `described` says what they are, for
+    the card) and record the result in the card. Returns the card's new `onnx` section. A graph that does
+    not match torch within the tolerances is a `GraphError` and nothing is written."""
+    folder = checkpoint.path
+    if folder is None or not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError("only a checkpoint saved in a folder can be exported (save it first)")
+    if samples.ndim != 4 or samples.dtype != np.uint8 or len(samples) == 0:
+        raise GraphError(
+            f"export needs prepared sample inputs (uint8 N x H x W x 3), got {samples.dtype} {samples.shape}"
+        )
+    model = checkpoint.model.eval().to("cpu")
+    module = _GraphModule(model).eval()
+    graph = _export_bytes(module, torch.from_numpy(samples[: min(len(samples), 2)]))
+    agreement = compare(graph, module, samples)
+    if not agreement.within_tolerance:
+        raise GraphError(
+            f"the ONNX export of {folder} differs from torch by {agreement.embedding:.2e} (embedding) and "
+            f"{agreement.logits:.2e} (logits), beyond the tolerances {EMBEDDING_TOLERANCE:g} / "
+            f"{LOGIT_TOLERANCE:g}: use --runtime torch for this model"
+        )
+    section = {
+        "file": GRAPH_FILE,
+        "sha256": hashlib.sha256(graph).hexdigest(),
+        "weights_sha256": sha256_file(folder / WEIGHTS_FILE),
+        "inputs": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "max_batch": MAX_GRAPH_BATCH},
+        "outputs": [EMBEDDING_OUTPUT, *(head_output(head) for head in module.heads)],
+        "checked_on": f"{len(samples)} {described}",
+        "max_abs_difference": {"embedding": agreement.embedding, "logits": agreement.logits},
+        "tolerance": {"embedding": EMBEDDING_TOLERANCE, "logits": LOGIT_TOLERANCE},
+        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {name: _version(name) for name in ("torch", "onnx", "onnxscript", "onnxruntime")},
+    }
+    write_atomically(folder / GRAPH_FILE, graph)
+    checkpoint.card["onnx"] = section
+    write_atomically(folder / CARD_FILE, (json.dumps(checkpoint.card, indent=2, sort_keys=True) + "\n").encode())
+    return section
+
+
+def _export_bytes(module: _GraphModule, example: torch.Tensor) -> bytes:
+    """The serialised graph, with the weights inside and a dynamic batch axis."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_GRAPH_BATCH)
+    names = [EMBEDDING_OUTPUT, *(head_output(head) for head in module.heads)]
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(quiet), torch.inference_mode(False), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                input_names=[INPUT_NAME],
+                output_names=names,
+                verbose=False,
+            )
+    except Exception as error:  # the exporter raises many kinds; each means this model cannot be exported
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GraphError(f"the model cannot be exported to ONNX ({first[:300]}): use --runtime torch") from None
+    assert program is not None
+    return program.model_proto.SerializeToString()
+
+
+def compare(graph: bytes | Path, module: nn.Module, samples: np.ndarray) -> Agreement:
+    """Run `samples` through ONNX Runtime and torch, in batches of one and of up to eight."""
+    import onnxruntime
+
+    source = str(graph) if isinstance(graph, Path) else graph
+    session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+    embedding_error = logit_error = 0.0
+    chunks = [samples[:1], *(samples[start : start + 8] for start in range(0, len(samples), 8))]
+    with torch.inference_mode():
+        for chunk in chunks:
+            expected = [tensor.numpy() for tensor in module(torch.from_numpy(chunk))]
+            got = session.run(None, {INPUT_NAME: chunk})
+            embedding_error = max(embedding_error, float(np.abs(got[0] - expected[0]).max()))
+            for ours, theirs in zip(got[1:], expected[1:], strict=True):
+                logit_error = max(logit_error, float(np.abs(ours - theirs).max()))
+    return Agreement(embedding_error, logit_error)
+
+
+def graph_for(checkpoint: Checkpoint) -> Path:
+    """The checkpoint's ONNX graph, if it was exported from these very weights and matched torch; else a
+    `GraphError` that says why and what to run."""
+    folder = checkpoint.path
+    remedy = f"run `cbmir export {folder}` (or use --runtime torch)"
+    section = checkpoint.card.get("onnx")
+    if folder is None or not isinstance(section, dict):
+        raise GraphError(f"{folder or 'this checkpoint'} has no ONNX graph: {remedy}")
+    path = folder / str(section.get("file", GRAPH_FILE))
+    if not path.is_file():
+        raise GraphError(f"{path} is missing: {remedy}")
+    if sha256_file(folder / WEIGHTS_FILE) != section.get("weights_sha256"):
+        raise GraphError(f"{path} was exported from other weights than {folder / WEIGHTS_FILE} (stale): {remedy}")
+    if sha256_file(path) != section.get("sha256"):
+        raise GraphError(f"{path} is not the graph its card records (replaced or damaged): {remedy}")
+    return path
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
