@@ -15,7 +15,6 @@ the run.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -70,9 +70,11 @@ _worker: _WorkerState | None = None
 
 
 def _init_worker(state: _WorkerState) -> None:
+    """One thread per worker process: the workers are as many as the cores they share with the model, so
+    OpenCV's own thread pool would only oversubscribe them (see the thread policy in `cbmir.embed`)."""
     global _worker
     _worker = state
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cv2.setNumThreads(1)
 
 
 def map_record(record: Record) -> Mapped:

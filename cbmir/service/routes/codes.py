@@ -23,7 +23,7 @@ def codes(catalog: CatalogDep) -> CodesOut:
     return CodesOut(tables=catalog.tables is not None, axes=axes)
 
 
-@router.get("/stats", summary="Images, model and index type")
+@router.get("/stats", summary="Images, model, index type and inference runtime")
 def stats(catalog: CatalogDep) -> dict[str, Any]:
     figures = catalog.engine.stats()
     schema = catalog.schema
@@ -38,4 +38,6 @@ def stats(catalog: CatalogDep) -> dict[str, Any]:
         "classes": classes,
         "failures": figures["failures"],
         "tables": catalog.tables is not None,
+        "runtime": catalog.retrieval.embedder.runtime_description,
+        "model_runs": catalog.retrieval.embedder.model_runs,
     }
