@@ -416,10 +416,11 @@ def search(
         dataset=dataset,
         label=label,
     )
-    pixels = read_image(image, max_pixels=_settings().max_pixels).pixels
     code_tables = _tables(tables)
     _start_torch()
-    with Retrieval.open(_existing_index(db), _embedder(model, runtime)) as retrieval:
+    embedder = _embedder(model, runtime)  # a model that cannot run is reported before the image is read
+    pixels = read_image(image, max_pixels=_settings().max_pixels).pixels
+    with Retrieval.open(_existing_index(db), embedder) as retrieval:
         result = retrieval.search_image(pixels, k, filters)
     prediction, hits = result.prediction, result.hits
     typer.echo(f"predicted: {prediction.label} (confidence {prediction.confidence:.3f})")
