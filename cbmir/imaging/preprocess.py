@@ -118,11 +118,33 @@ def clahe(image: np.ndarray, clip_limit: float = 2.55, tile_grid: int = 8) -> np
 
 
 def nl_means(image: np.ndarray, h: float = 2.0, template_window: int = 4, search_window: int = 4) -> np.ndarray:
-    """Non-local means denoising of an 8-bit image (OpenCV fastNlMeansDenoising)."""
+    """Non-local means denoising of an 8-bit image (OpenCV fastNlMeansDenoising).
+
+    Only the bounding box of the non-zero pixels, widened by a margin, is denoised (the zero padding is 30% of
+    a constant-padded irma2007-dev radiograph), with the same result, bit for bit, as the whole image: OpenCV
+    computes each output pixel in integer arithmetic from the input within `reach` pixels (search half-window
+    plus template half-window), reflecting the image at its border. With a margin of `reach + 1`, every pixel
+    of the crop sees the same neighbourhood as in the whole image (the crop's own reflected border reflects
+    zeros), and a pixel outside the crop is more than a search half-window from any non-zero pixel, so it
+    averages zeros only and is 0.
+    """
     _check_grey(image)
-    return cv2.fastNlMeansDenoising(
-        to_uint8(image), None, h=h, templateWindowSize=template_window, searchWindowSize=search_window
+    grey = to_uint8(image)
+    x, y, width, height = cv2.boundingRect(grey)  # of the non-zero pixels; (0, 0, 0, 0) if there are none
+    reach = search_window // 2 + template_window // 2
+    top, left = max(y - reach - 1, 0), max(x - reach - 1, 0)
+    bottom, right = min(y + height + reach + 1, grey.shape[0]), min(x + width + reach + 1, grey.shape[1])
+    if width == 0:
+        return np.zeros_like(grey)
+    if (top, left, bottom, right) == (0, 0, *grey.shape):
+        return cv2.fastNlMeansDenoising(
+            grey, None, h=h, templateWindowSize=template_window, searchWindowSize=search_window
+        )
+    denoised = np.zeros_like(grey)
+    denoised[top:bottom, left:right] = cv2.fastNlMeansDenoising(
+        grey[top:bottom, left:right], None, h=h, templateWindowSize=template_window, searchWindowSize=search_window
     )
+    return denoised
 
 
 def layer(original: np.ndarray, contrast: np.ndarray, denoised: np.ndarray) -> np.ndarray:
@@ -131,6 +153,8 @@ def layer(original: np.ndarray, contrast: np.ndarray, denoised: np.ndarray) -> n
         _check_grey(image)
     if not original.shape == contrast.shape == denoised.shape:
         raise PreprocessingError(f"layers differ in shape: {original.shape}, {contrast.shape}, {denoised.shape}")
+    if original.dtype == contrast.dtype == denoised.dtype == np.uint8:
+        return cv2.merge([original, contrast, denoised])  # as np.dstack, several times faster
     return np.dstack([original, contrast, denoised])
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -178,3 +179,78 @@ def test_constant_and_wrap_padding_on_a_real_radiograph():
     assert wrap[:top].any()
     squashed = PRESETS["resize-plain"](grey)[..., 0]
     np.testing.assert_array_equal(squashed, cv2.resize(grey, (512, 512), interpolation=cv2.INTER_NEAREST))
+
+
+# ------------------------------------------------------------------------ today's output, kept (speed-ups)
+
+REFERENCE = Path(__file__).with_name("preprocess_reference.npz")
+
+
+def _texture(height: int, width: int, maximum: int, dtype: type) -> np.ndarray:
+    """A gradient plus a pseudo-random term, from integer arithmetic only (no random generator, whose stream
+    could change with numpy), with a black band along the top and the right and a black inner patch, like the
+    black borders of scanned films."""
+    i, j = np.indices((height, width), dtype=np.int64)
+    gradient = (i * 5 + j * 3) * (maximum // 2) // (5 * height + 3 * width)
+    noise = (i * i * 31 + j * j * 17 + i * j * 7 + i * 3) % 61 * (maximum // 2) // 60
+    image = (gradient + noise).astype(dtype)
+    image[: height // 6, :] = 0
+    image[:, width - width // 7 :] = 0
+    image[height // 2 : height // 2 + 3, width // 3 : width // 3 + 4] = 0
+    return image
+
+
+def _reference_cases() -> dict[str, tuple[np.ndarray, Preprocessing]]:
+    """Odd-sized tall, wide and square images at 8, 12 and 16 bits and as float (DICOM after its LUTs), through
+    every preset at small sizes; the last cases keep the size (resize is then a copy) like a 512-px radiograph."""
+    images = {
+        "tall-8bit": _texture(45, 29, 255, np.uint8),
+        "wide-12bit": _texture(23, 41, 4095, np.uint16),
+        "square-16bit": _texture(31, 31, 65535, np.uint16),
+        "tall-float": _texture(37, 20, 3000, np.uint16).astype(np.float32) * np.float32(0.37) - np.float32(100),
+    }
+    cases = {
+        f"{image_name}/{name}": (image, preset(name, size=size))
+        for image_name, image in images.items()
+        for name, size in zip(sorted(PRESETS), (24, 17, 24, 17, 24, 17), strict=True)
+    }
+    wide = _texture(30, 48, 255, np.uint8)
+    for name in ("constant-enhanced", "repetitive-enhanced", "resize-enhanced"):
+        cases[f"wide-8bit-same-size/{name}"] = (wide, preset(name, size=48))
+    cases["tall-8bit/constant-enhanced-linear"] = (
+        images["tall-8bit"],
+        preset("constant-enhanced", size=33, interpolation="linear"),
+    )
+    return cases
+
+
+def test_the_presets_still_give_the_output_they_gave_before_the_speed_ups():
+    """The outputs of the code before the preprocessing speed-ups (commit 5e15023), stored in
+    preprocess_reference.npz: equal up to rounding (at most one grey level) in every pixel, so a faster
+    implementation never changes what a checkpoint's model sees. Regenerate the file only for an intended
+    change of the computation (and then say so: indexed vectors and trained models depend on it)."""
+    reference = np.load(REFERENCE)
+    cases = _reference_cases()
+    assert sorted(reference.files) == sorted(cases)
+    for key, (image, pipeline) in cases.items():
+        out, expected = pipeline(image), reference[key]
+        assert out.shape == expected.shape and out.dtype == expected.dtype, key
+        difference = np.abs(out.astype(np.int16) - expected.astype(np.int16))
+        assert difference.max() <= 1, f"{key}: {np.count_nonzero(difference > 1)} values differ by more than 1"
+
+
+@pytest.mark.parametrize("template_window, search_window", [(4, 4), (3, 7), (1, 2), (5, 9)])
+def test_nl_means_on_the_non_zero_part_equals_nl_means_on_the_whole_image(template_window, search_window):
+    """nl_means denoises only the non-zero bounding box plus a margin; the result is OpenCV's on the whole image,
+    bit for bit, also for zero bands just narrower or wider than the margin, on any side."""
+    reach = search_window // 2 + template_window // 2
+    texture = _texture(24, 28, 255, np.uint8)[4:, :-4]  # without its black bands, so `band` is the whole band
+    for band in range(max(reach - 1, 0), reach + 4):
+        for top, bottom, left, right in ((band, 0, 0, 0), (0, band, band, 0), (band, band, 0, band), (1, 0, band, 2)):
+            image = cv2.copyMakeBorder(texture, top, bottom, left, right, cv2.BORDER_CONSTANT, value=0)
+            for h in (2.0, 30.0):
+                whole = cv2.fastNlMeansDenoising(
+                    image, None, h=h, templateWindowSize=template_window, searchWindowSize=search_window
+                )
+                np.testing.assert_array_equal(nl_means(image, h, template_window, search_window), whole)
+    np.testing.assert_array_equal(nl_means(np.zeros((9, 5), np.uint8)), np.zeros((9, 5), np.uint8))
