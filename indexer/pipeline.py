@@ -15,6 +15,7 @@ the run.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -22,7 +23,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -70,11 +70,9 @@ _worker: _WorkerState | None = None
 
 
 def _init_worker(state: _WorkerState) -> None:
-    """One thread per worker process: the workers are as many as the cores they share with the model, so
-    OpenCV's own thread pool would only oversubscribe them (see the thread policy in `cbmir.embed`)."""
     global _worker
     _worker = state
-    cv2.setNumThreads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def map_record(record: Record) -> Mapped:
