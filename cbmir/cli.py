@@ -287,8 +287,7 @@ def _check_images(images: Path | None, count: int, pipeline):
     """Up to `count` prepared inputs: readable radiographs of `images`, or drawn phantoms without it."""
     import numpy as np
 
-    from cbmir.datasets import load_pixels
-    from cbmir.imaging.io import ImageReadError
+    from cbmir.export import sample_inputs
 
     if images is None:
         from cbmir.synthetic import KINDS, phantom
@@ -299,17 +298,7 @@ def _check_images(images: Path | None, count: int, pipeline):
     from indexer.pipeline import read_archive
 
     name, records = read_archive(images)
-    prepared = []
-    for record in records:
-        try:
-            prepared.append(pipeline(load_pixels(record)))
-        except (ImageReadError, OSError):
-            continue
-        if len(prepared) == count:
-            break
-    if not prepared:
-        raise CbmirError(f"{images}: no readable image to check the export on")
-    return np.stack(prepared), f"images of {name}"
+    return sample_inputs(records, pipeline, count), f"images of {name}"
 
 
 @app.command()

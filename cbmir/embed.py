@@ -41,7 +41,7 @@ import torch
 
 from cbmir.checkpoint import Checkpoint, load_checkpoint
 from cbmir.errors import CbmirError
-from cbmir.export import EMBEDDING_OUTPUT, INPUT_NAME, GraphError, graph_for, head_output
+from cbmir.export import EMBEDDING_OUTPUT, INPUT_NAME, MAX_GRAPH_BATCH, GraphError, graph_for, head_output
 from cbmir.imaging.preprocess import Preprocessing
 from cbmir.labels import LabelSchema, Prediction, decode_predictions, probabilities_from_logits
 from cbmir.stamp import ModelStamp
@@ -259,6 +259,8 @@ class Embedder:
         self.head_sizes = dict(checkpoint.model.head_sizes)
         self.stamp = ModelStamp(checkpoint.stamp, checkpoint.model.embedding_dim)
         self._runner = _choose_runner(checkpoint, runtime, threads)
+        if self._runner.name == "onnx" and batch_size > MAX_GRAPH_BATCH:
+            raise CbmirError(f"batch size {batch_size}: the ONNX graph takes at most {MAX_GRAPH_BATCH} images a run")
         self.runtime: str = self._runner.name
         self.runtime_description: str = self._runner.description
         self._queue = _ModelQueue(self._runner, batch_size, batch_wait_ms / 1000)

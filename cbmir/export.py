@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -32,8 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbmir.checkpoint import CARD_FILE, WEIGHTS_FILE, Checkpoint, CheckpointError
+from cbmir.datasets import Record, load_pixels
 from cbmir.errors import CbmirError
 from cbmir.files import write_atomically
+from cbmir.imaging.io import ImageReadError
+from cbmir.imaging.preprocess import Preprocessing
 from cbmir.models import RadiographNet
 
 GRAPH_FILE = "model.onnx"
@@ -126,6 +130,21 @@ def export_graph(checkpoint: Checkpoint, samples: np.ndarray, *, described: str)
     checkpoint.card["onnx"] = section
     write_atomically(folder / CARD_FILE, (json.dumps(checkpoint.card, indent=2, sort_keys=True) + "\n").encode())
     return section
+
+
+def sample_inputs(records: Iterable[Record], pipeline: Preprocessing, count: int = 16) -> np.ndarray:
+    """Up to `count` prepared inputs made from the first readable `records`, to check an export on."""
+    prepared = []
+    for record in records:
+        try:
+            prepared.append(pipeline(load_pixels(record)))
+        except (ImageReadError, OSError):
+            continue
+        if len(prepared) == count:
+            break
+    if not prepared:
+        raise GraphError("no readable image to check the export on")
+    return np.stack(prepared)
 
 
 def _export_bytes(module: _GraphModule, example: torch.Tensor) -> bytes:

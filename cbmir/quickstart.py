@@ -19,6 +19,7 @@ from cbmir.checkpoint import CARD_FILE, Checkpoint, load_checkpoint
 from cbmir.datasets import open_dataset
 from cbmir.embed import Embedder
 from cbmir.errors import CbmirError
+from cbmir.export import export_graph, sample_inputs
 from cbmir.irma import CodeTables
 from cbmir.search import Retrieval
 from cbmir.service import ServiceSettings
@@ -104,7 +105,13 @@ def _claim(work: Path, data: Path) -> None:
 def _model(folder: Path, dataset, tables: CodeTables | None, mode: str, say: Callable[[str], None]) -> Checkpoint:
     if (folder / CARD_FILE).exists():
         say(f"reusing the trained model in {folder}")
-        return load_checkpoint(folder)
+        checkpoint = load_checkpoint(folder)
+        if "onnx" not in checkpoint.card:  # trained before models had their ONNX graph
+            say("exporting it to ONNX for ONNX Runtime (once)")
+            export_graph(
+                checkpoint, sample_inputs(dataset.records, checkpoint.pipeline), described=f"images of {dataset.name}"
+            )
+        return checkpoint
     interrupted = (folder / TRAINING_STATE).exists()
     say(f"{'resuming' if interrupted else 'training'} the default CPU model ({mode} mode) in {folder}")
     return train(dataset, make_config(mode=mode), folder, resume=interrupted, tables=tables)

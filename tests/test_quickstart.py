@@ -1,6 +1,7 @@
 """`cbmir quickstart` end to end on a tiny synthetic archive: the real default model trained, an index built,
 the service answering with the printed token; a second run reuses everything; another archive is refused."""
 
+import json
 import os
 import stat
 
@@ -25,13 +26,20 @@ def test_quickstart_trains_indexes_serves_and_reuses(tmp_path):
         with running.client(settings.token) as client:
             stats = client.get("/v1/stats").json()
             assert stats["images"] == 15 and stats["task"] == "irma-axes"
+            assert stats["runtime"].startswith("ONNX Runtime")  # training wrote the graph; auto takes it
             assert (
                 client.get("/v1/stats", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
             )
 
+    card_path = work / "model" / "card.json"
+    card = json.loads(card_path.read_text())
+    card.pop("onnx")  # as a model trained before models had their graph
+    card_path.write_text(json.dumps(card))
     again: list[str] = []
     assert prepare(work, archive, None, say=again.append).token == settings.token
     assert f"reusing the trained model in {work / 'model'}" in again
+    assert "exporting it to ONNX for ONNX Runtime (once)" in again
+    assert json.loads(card_path.read_text())["onnx"]["checked_on"] == "15 images of archive"
     assert any(message.startswith("indexed 0, skipped 15") for message in again)
 
     missing = CliRunner().invoke(
