@@ -31,7 +31,7 @@ from cbmir.embed import batches
 from cbmir.errors import CbmirError
 from cbmir.imaging.io import DEFAULT_MAX_PIXELS, read_image
 from cbmir.imaging.listing import IMAGE_SUFFIXES, image_files
-from cbmir.imaging.preprocess import Preprocessing
+from cbmir.imaging.preprocess import Preprocessing, PreprocessingError
 from cbmir.locations import Location
 from cbmir.search import PreparedImage, Retrieval
 
@@ -99,10 +99,14 @@ def map_record(record: Record) -> Mapped:
         reason = str(error) if isinstance(error, CbmirError) else f"cannot read {record.path}: {error.strerror}"
         return Mapped(record, failure=reason, read_seconds=time.perf_counter() - started)
     read_done = time.perf_counter()
+    try:
+        model_input = _worker.pipeline(pixels)
+    except PreprocessingError as error:  # an image the model cannot take (a 100000 x 1 strip): a failure too
+        return Mapped(record, content_hash, failure=f"{Location.of(record)}: {error}", read_seconds=read_done - started)
     prepared = PreparedImage(
         Location.of(record),
         content_hash,
-        _worker.pipeline(pixels),
+        model_input,
         width=int(pixels.shape[1]),
         height=int(pixels.shape[0]),
         dataset=_worker.dataset,

@@ -50,6 +50,13 @@ class PreprocessingError(CbmirError):
     """An invalid pipeline setting or an input array the pipeline cannot take."""
 
 
+# Padding to a square is refused, before anything is allocated, for images no radiograph resembles: a
+# 100000 x 1 image would otherwise become a 10^10-pixel square (radiographs, long-leg views included, stay
+# within 1:5).
+MAX_ASPECT_RATIO = 10
+MAX_PADDED_PIXELS = 100_000_000
+
+
 def _check_grey(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray):
         raise PreprocessingError(f"image must be a numpy array, got {type(image).__name__}")
@@ -98,6 +105,11 @@ def pad_to_square(image: np.ndarray, mode: BorderMode) -> np.ndarray:
         raise PreprocessingError(f"padding mode {mode!r} is not one of {sorted(_BORDERS)}")
     height, width = image.shape
     side = max(height, width)
+    if side > MAX_ASPECT_RATIO * min(height, width) or side * side > MAX_PADDED_PIXELS:
+        raise PreprocessingError(
+            f"a {width} x {height} image cannot be padded to a square: its sides may differ at most "
+            f"{MAX_ASPECT_RATIO}-fold and the square may hold at most {MAX_PADDED_PIXELS:,} pixels"
+        )
     top, left = (side - height) // 2, (side - width) // 2
     bottom, right = side - height - top, side - width - left
     return cv2.copyMakeBorder(image, top, bottom, left, right, _BORDERS[mode], value=0)

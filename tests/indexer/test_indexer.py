@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -154,3 +156,22 @@ def test_killed_runs_end_with_every_irma_image_exactly_once(tmp_path):
             assert hit.id == image_id
     dataset = open_dataset(archive)
     assert len(dataset.records) == 653
+
+
+def test_a_thin_strip_image_is_a_recorded_failure_and_the_run_goes_on(phantoms, tmp_path):
+    """Issue 12, defects 1 and 3: a valid thin strip among good radiographs stopped the whole run or took
+    gigabytes (its padded square); it is refused before anything is allocated, by name, and the rest is
+    indexed."""
+    archive, model = phantoms
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted((archive / "images").glob("synthetic-*.png"))[:6]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    assert cv2.imwrite(str(folder / "strip.png"), np.full((1, 30_000), 128, np.uint8))
+    result = CliRunner().invoke(app, ["index", str(folder), "--model", str(model), "--db", str(tmp_path / "db")])
+    assert result.exit_code == 0, result.output
+    assert "indexed 6, skipped 0 (already indexed), failed 1" in result.output
+    with Engine.open(tmp_path / "db") as engine:
+        [failure] = engine.failures()
+    assert failure["location"].endswith("strip.png")
+    assert "strip.png: a 30000 x 1 image cannot be padded to a square" in failure["reason"]
