@@ -29,7 +29,7 @@ from tqdm import tqdm
 from cbmir.datasets import Record, load_pixels
 from cbmir.embed import batches
 from cbmir.errors import CbmirError
-from cbmir.imaging.io import DEFAULT_MAX_PIXELS, read_image
+from cbmir.imaging.io import DEFAULT_MAX_PIXELS, read_file, read_image
 from cbmir.imaging.listing import IMAGE_SUFFIXES, image_files
 from cbmir.imaging.preprocess import Preprocessing, PreprocessingError
 from cbmir.locations import Location
@@ -82,7 +82,7 @@ def map_record(record: Record) -> Mapped:
     started = time.perf_counter()
     try:
         if record.index is None:
-            data = record.path.read_bytes()
+            data = read_file(record.path)
             content_hash = hashlib.sha256(data).hexdigest()
             if content_hash in _worker.present:
                 return Mapped(record, content_hash, skipped=True, read_seconds=time.perf_counter() - started)

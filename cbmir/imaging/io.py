@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -188,14 +189,31 @@ def read_image(
 
 
 def _open_file(path: str | os.PathLike[str], label: str) -> BinaryIO:
-    """Open `path` for reading; a failure to open it becomes an ImageReadError (errors while reading are the
-    reader's to report)."""
+    """Open the regular file `path` for reading; a failure to open it becomes an ImageReadError (errors while
+    reading are the reader's to report). A named pipe, socket or device is refused without waiting on it:
+    it is opened non-blocking and looked at before anything is read."""
     try:
-        return open(path, "rb")
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError as exc:
         raise ImageReadError(label, "no such file") from exc
     except OSError as exc:
         raise ImageReadError(label, exc.strerror or str(exc)) from exc
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ImageReadError(label, "not a regular file (a folder, named pipe, socket or device)")
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file `path`; an `ImageReadError` naming it for anything else (missing,
+    unreadable, a named pipe that would block a reader for ever)."""
+    label = str(os.fspath(path))
+    with _open_file(path, label) as stream:
+        try:
+            return stream.read()
+        except OSError as exc:
+            raise ImageReadError(label, exc.strerror or str(exc)) from exc
 
 
 def _read_stream(stream: BinaryIO, source: str, max_pixels: int) -> Radiograph:

@@ -26,10 +26,14 @@ def is_image(path: Path) -> bool:
 
 
 def iter_files(root: str | os.PathLike[str]) -> Iterator[Path]:
-    """Every file below `root` except hidden ones, in no particular order: for checks that can stop early."""
+    """Every regular file below `root` except hidden ones, in no particular order: for checks that can stop
+    early. Named pipes, sockets and devices are not files to read (opening a pipe waits for a writer)."""
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        yield from (Path(folder) / name for name in names if not name.startswith("."))
+        for name in names:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.is_file():
+                yield path
 
 
 def walk_files(root: str | os.PathLike[str]) -> list[Path]:

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from cbmir.cli import app
 from cbmir.datasets import open_dataset
 from cbmir.embed import Embedder
+from cbmir.imaging.io import ImageReadError, read_image
 from cbmir.index import Engine, Filters
 from cbmir.search import Retrieval
 from cbmir.synthetic import write_synthetic_archive
@@ -175,3 +176,20 @@ def test_a_thin_strip_image_is_a_recorded_failure_and_the_run_goes_on(phantoms, 
         [failure] = engine.failures()
     assert failure["location"].endswith("strip.png")
     assert "strip.png: a 30000 x 1 image cannot be padded to a square" in failure["reason"]
+
+
+@pytest.mark.timeout(60)
+def test_a_named_pipe_in_an_archive_is_neither_listed_nor_waited_on(phantoms, tmp_path):
+    """Issue 12, defect 9: a named pipe in an archive folder hung the indexer for ever."""
+    archive, model = phantoms
+    folder = tmp_path / "with-pipe"
+    folder.mkdir()
+    for path in sorted((archive / "images").glob("synthetic-*.png"))[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    os.mkfifo(folder / "pipe.png")
+    os.mkfifo(folder / "data")  # no image suffix: DICOM detection would open it to look for the magic
+    with pytest.raises(ImageReadError, match="pipe.png: not a regular file"):
+        read_image(folder / "pipe.png")
+    result = CliRunner().invoke(app, ["index", str(folder), "--model", str(model), "--db", str(tmp_path / "db")])
+    assert result.exit_code == 0, result.output
+    assert "indexed 3, skipped 0 (already indexed), failed 0" in result.output
