@@ -340,3 +340,17 @@ def test_patient_identifying_dicom_tags_are_not_stored(service):
         stored = (service.settings.db / "store.sqlite").read_bytes()
         assert b"16d7f894-55d7-4d95-8957-d18987f0e981" not in stored
         client.delete(f"/v1/images/{item['id']}")
+
+
+def test_csv_export_never_hands_a_spreadsheet_a_formula(service):
+    """Issue 12, defect 10: a file named like a formula was exported as-is, and a spreadsheet would run it."""
+    name = "=2+5+cmd|' -C calc'!A0.png"
+    image = png_bytes(np.random.default_rng(12).integers(0, 255, (70, 50), dtype=np.uint8))
+    with service.client() as client:
+        [item] = client.post("/v1/images", files={"files": (name, image)}).json()["items"]
+        exported = client.get("/v1/annotations", params={"ids": str(item["id"]), "format": "csv"})
+        [row] = list(csv.DictReader(io.StringIO(exported.text)))
+        assert row["name"] == "'" + name
+        as_json = client.get("/v1/annotations", params={"ids": str(item["id"]), "format": "json"}).json()
+        assert as_json[0]["name"] == name  # JSON is data, not a spreadsheet: kept as sent
+        client.delete(f"/v1/images/{item['id']}")
