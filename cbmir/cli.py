@@ -530,7 +530,8 @@ def _run_service(settings: ServiceSettings) -> None:
     set_threads(settings.threads)  # the service's own settings hold $CBMIR_THREADS: no second read
     app_instance = create_app(settings)
     typer.echo(f"cbmir: serving {settings.db} at http://{settings.host}:{settings.port}/ (API docs at /docs)")
-    typer.echo(f"token: {settings.token}" if settings.token else "no token: reachable from this machine only")
+    # The token itself is never printed here: it came from a file or the environment, and output lands in logs.
+    typer.echo("every /v1 request needs the token" if settings.token else "no token: reachable from this machine only")
     uvicorn.run(app_instance, host=settings.host, port=settings.port, log_level="warning")
 
 

@@ -83,7 +83,7 @@ def prepare(
         db=work / "index",
         model=work / "model",
         irma_tables=tables_folder,
-        token=_token(work),
+        token=_token(work, say),
         host=host,
         port=port,
     )
@@ -117,11 +117,16 @@ def _model(folder: Path, dataset, tables: CodeTables | None, mode: str, say: Cal
     return train(dataset, make_config(mode=mode), folder, resume=interrupted, tables=tables)
 
 
-def _token(work: Path) -> str:
-    """The service token, made once (readable by the owner only) and reused."""
+def _token(work: Path, say: Callable[[str], None]) -> str:
+    """The service token, made once (readable by the owner only) and reused. It is shown once, when it is
+    made, to the person who ran quickstart; later runs say where it is kept, never the token itself."""
     path = work / TOKEN_FILE
     if not path.exists():
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as file:
             file.write(secrets.token_urlsafe(24) + "\n")
+        token = path.read_text().strip()
+        say(f"the service's token (shown this once; kept in {path}, readable by you only): {token}")
+        return token
+    say(f"the service's token is in {path}")
     return path.read_text().strip()

@@ -22,6 +22,10 @@ def test_quickstart_trains_indexes_serves_and_reuses(tmp_path):
     settings = prepare(work, archive, None, say=messages.append)
     assert any(message.startswith("training the default CPU model") for message in messages)
     assert stat.S_IMODE(os.stat(work / "token").st_mode) == 0o600
+    token = settings.token
+    assert token is not None
+    shown = [message for message in messages if token in message]  # issue 12, defect 12
+    assert len(shown) == 1 and shown[0].startswith("the service's token (shown this once")
     for running in start(settings, archive):
         with running.client(settings.token) as client:
             stats = client.get("/v1/stats").json()
@@ -38,6 +42,7 @@ def test_quickstart_trains_indexes_serves_and_reuses(tmp_path):
     again: list[str] = []
     assert prepare(work, archive, None, say=again.append).token == settings.token
     assert f"reusing the trained model in {work / 'model'}" in again
+    assert not any(token in message for message in again)
     assert "exporting it to ONNX for ONNX Runtime (once)" in again
     assert json.loads(card_path.read_text())["onnx"]["checked_on"] == "15 images of archive"
     assert any(message.startswith("indexed 0, skipped 15") for message in again)
