@@ -492,7 +492,7 @@ def serve(
         int | None, typer.Option(min=1, max=256, help="Most images in one model run of joined searches (16).")
     ] = None,
     batch_wait_ms: Annotated[
-        float | None, typer.Option(min=0, max=1000, help="Longest wait for more searches before a model run (2 ms).")
+        float | None, typer.Option(min=0, max=1000, help="Longest wait for more searches before a model run (0 ms).")
     ] = None,
 ) -> None:
     """Start the query service: the HTTP API (/v1, docs at /docs) and the web page (/). Every option can also

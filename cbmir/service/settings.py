@@ -39,7 +39,7 @@ class ServiceSettings(Settings):
     cors_origins: tuple[str, ...] = ()
     dicom_tags: tuple[str, ...] = ()
     max_batch: int = Field(default=16, ge=1, le=256)
-    batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    batch_wait_ms: float = Field(default=0.0, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
