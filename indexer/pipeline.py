@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -73,6 +74,15 @@ def _init_worker(state: _WorkerState) -> None:
     global _worker
     _worker = state
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker never outlives the indexer: killed with SIGKILL, the indexer cannot stop its pool, and the
+    workers would keep its memory and the index lock they inherited, so the re-run could not start."""
+    while os.getppid() == parent:
+        time.sleep(0.25)
+    os._exit(1)
 
 
 def map_record(record: Record) -> Mapped:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cbmir.datasets.records import Dataset, DatasetError, Problem, Record, finish, require_folder
-from cbmir.datasets.registry import register_layout
+from cbmir.datasets.registry import LayoutMismatch, register_layout
 from cbmir.datasets.tables import id_label_rows
 from cbmir.imaging.listing import DICOM_SUFFIXES, is_image, iter_files, walk_files
 
@@ -89,10 +89,23 @@ def read_dicom_folder(
     return finish(root.name, records, "single-label", problems, strict)
 
 
+def read_dicom_tree(root: Path, **options: Any) -> Dataset:
+    """The DICOM layout as `open_dataset` finds it: a folder of DICOM files only. A folder that also holds
+    other image files is not this layout (a `LayoutMismatch` saying so), so that it is never read partly:
+    the indexer then reads every image of it as a plain folder."""
+    others = [path for path in walk_files(root) if is_image(path) and not is_dicom(path)]
+    if others:
+        raise LayoutMismatch(
+            f"{root} holds {len(others)} image file(s) that are not DICOM (e.g. {others[0].relative_to(root)}) "
+            "beside its DICOM files, so it is no DICOM tree; `cbmir index` reads such a folder whole"
+        )
+    return read_dicom_folder(root, **options)
+
+
 register_layout(
     "dicom",
     detect=detect,
-    read=read_dicom_folder,
+    read=read_dicom_tree,
     describe="DICOM tree: a folder with .dcm files (or files with the DICM magic), optionally labels_csv=",
     order=40,
 )

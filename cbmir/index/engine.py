@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cbmir.index.vectors import INDEX_FILE, MANIFEST_FILE, IndexPolicy, Vectors
 from cbmir.stamp import ModelStamp, describe_identity, stamp_digest
 
 STORE_FILE, LOCK_FILE = "store.sqlite", ".lock"
+STALE_LOCK_SECONDS = 10.0
 MAX_K = 10_000
 FILTER_CACHE_SIZE = 32
 
@@ -39,20 +41,43 @@ class Hit(ImageRow):
     score: float
 
 
+def _is_running(pid: str) -> bool:
+    """Whether the process `pid` (as recorded in a lock file) exists; True when that cannot be told."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _describe(identity: Any, dimension: int | None) -> str:
     return describe_identity(identity) + (f" / {dimension}-d" if dimension else "")
 
 
 def _lock(folder: Path) -> int:
+    """The folder's lock. A lock whose recorded holder has ended is waited for up to `STALE_LOCK_SECONDS`:
+    processes the holder forked (the indexer's workers) share it until they notice and exit."""
     handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(handle, 32).decode(errors="replace").strip() or "?"
-        os.close(handle)
-        raise IndexConfigError(
-            f"the index {folder} is already open (process {holder}): one process at a time may open an index"
-        ) from None
+    deadline = time.monotonic() + STALE_LOCK_SECONDS
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "?"
+            running = _is_running(holder)
+            if running or time.monotonic() > deadline:
+                os.close(handle)
+                state = "" if running else ", which has ended; processes it started still hold the index"
+                raise IndexConfigError(
+                    f"the index {folder} is already open (process {holder}{state}): one process at a time may "
+                    "open an index"
+                ) from None
+            time.sleep(0.1)
     os.ftruncate(handle, 0)
     os.write(handle, str(os.getpid()).encode())
     return handle

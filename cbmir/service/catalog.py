@@ -7,8 +7,9 @@ It raises domain errors (`UnknownImageError`, `InvalidCodeError`, `OriginalUnava
 
 Uploads are kept under ``uploads/`` in the index folder (named by content hash), so that thumbnails and
 originals work for them as for indexed files. An uploaded file is written before its row is added and
-removed again if the add fails, so a stored row never points at a missing upload. DICOM uploads are kept
-as pixels only (a 16-bit PNG): their headers name the patient.
+removed again if the add fails, so a stored row never points at a missing upload; what a killed server
+left (temporary files, an upload whose row was never added) is removed when the service starts. DICOM
+uploads are kept as pixels only (a 16-bit PNG): their headers name the patient.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class OriginalUnavailableError(CbmirError):
     """The original pixels or file of an indexed image can no longer be read."""
 
 
+class BatchRefusedError(CbmirError):
+    """A batch of uploads of which no file could be added (each one's reason in the message)."""
+
+
 class OriginalsDisabledError(CbmirError):
     """Originals were asked for from a server that serves thumbnails only."""
 
@@ -84,6 +89,19 @@ class Catalog:
         self.schema = retrieval.embedder.schema
         for name in (UPLOADS, THUMBNAILS):
             (self.engine.folder / name).mkdir(exist_ok=True)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """What a server killed mid-write leaves (before any request is served): temporary files of the
+        atomic writer, and uploads whose row was never added (the file is written before its row)."""
+        for name in (UPLOADS, THUMBNAILS):
+            for path in (self.engine.folder / name).glob(".*.tmp"):
+                path.unlink(missing_ok=True)
+        uploads = sorted((self.engine.folder / UPLOADS).iterdir())
+        stored = self.engine.hashes_present([path.name.split(".")[0] for path in uploads])
+        for path in uploads:
+            if path.name.split(".")[0] not in stored:
+                path.unlink(missing_ok=True)
 
     # -- words ------------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from cbmir.datasets import (
     register_layout,
 )
 from cbmir.errors import CbmirError
+from indexer.pipeline import read_archive
 from tests.conftest import shared_path
 
 CHEST = "1123-127-500-000"
@@ -489,3 +490,15 @@ def test_real_pneumoniamnist():
     assert Counter(r.split for r in dataset.records) == {"train": 4708, "validation": 524, "test": 624}
     assert dataset.classes == ("normal", "pneumonia") and not dataset.problems
     assert load_medmnist_image(dataset.records[-1]).shape == (28, 28)
+
+
+def test_a_folder_of_dicom_and_other_images_is_read_whole_never_partly(tmp_path):
+    """Issue 12, defect 4: one DICOM file among PNGs made the folder read as a DICOM tree of that file alone,
+    with no problem reported."""
+    write_dicom(tmp_path / "mixed" / "one.dcm")
+    for name in ("a.png", "b.jpg", "c.tif"):
+        touch(tmp_path / "mixed" / name)
+    with pytest.raises(DatasetError, match="holds 3 image file.s. that are not DICOM .e.g. a.png. beside its DICOM"):
+        open_dataset(tmp_path / "mixed")
+    name, records = read_archive(tmp_path / "mixed")
+    assert sorted(record.path.name for record in records) == ["a.png", "b.jpg", "c.tif", "one.dcm"]

@@ -193,3 +193,60 @@ def test_a_named_pipe_in_an_archive_is_neither_listed_nor_waited_on(phantoms, tm
     result = CliRunner().invoke(app, ["index", str(folder), "--model", str(model), "--db", str(tmp_path / "db")])
     assert result.exit_code == 0, result.output
     assert "indexed 3, skipped 0 (already indexed), failed 0" in result.output
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting to be reaped has ended)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_indexers_workers_exit_and_the_rerun_resumes(tmp_path):
+    """Issue 12, defect 2: after a SIGKILL of the indexer alone, its workers lived on for minutes holding the
+    index lock, and the re-run refused with "already open"."""
+    archive = write_synthetic_archive(tmp_path / "archive", per_kind=60, longest_side=200)
+    codes = [line.split(";")[1] for line in (archive / "codes.csv").read_text().splitlines()[1:]]
+    model = small_checkpoint(tmp_path / "model", codes)
+    command = [
+        sys.executable,
+        "-m",
+        "cbmir",
+        "index",
+        str(archive),
+        "--model",
+        str(model),
+        "--db",
+        str(tmp_path / "db"),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(workers := children_of(process.pid)) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, "the indexer ended before it was killed"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)  # the indexer alone, as a crash or the OOM killer would
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(running(worker) for worker in workers):
+        assert time.monotonic() < deadline, "the workers outlived their indexer"
+        time.sleep(0.1)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    with Engine.open(tmp_path / "db") as engine:
+        rows = engine.get(engine.query())
+    assert len(rows) == len({row.content_hash for row in rows}) == 180

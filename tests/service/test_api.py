@@ -35,6 +35,10 @@ def search(client, path: Path, **fields):
         return client.post("/v1/search", files={"file": (path.name, file)}, data=fields)
 
 
+def search_bytes(client, name: str, data: bytes, **fields):
+    return client.post("/v1/search", files={"file": (name, data)}, data=fields)
+
+
 def check_search_answer(body: dict) -> None:
     assert body["prediction"]["kind"] == "irma"
     IrmaCode.parse(body["prediction"]["label"])
@@ -354,3 +358,34 @@ def test_csv_export_never_hands_a_spreadsheet_a_formula(service):
         as_json = client.get("/v1/annotations", params={"ids": str(item["id"]), "format": "json"}).json()
         assert as_json[0]["name"] == name  # JSON is data, not a spreadsheet: kept as sent
         client.delete(f"/v1/images/{item['id']}")
+
+
+def test_a_batch_adds_per_file_and_a_batch_of_refused_files_is_422(service):
+    """Issue 12, defects 5 and 7: [good, thin strip] answered 422 yet added the good one, and a batch whose
+    every file was refused answered 200; the thin strip's error did not name the file."""
+    good = png_bytes(np.random.default_rng(13).integers(0, 255, (64, 48), dtype=np.uint8))
+    strip = png_bytes(np.full((1, 2000), 90, np.uint8))
+    with service.client() as client:
+        before = client.get("/v1/stats").json()["images"]
+        mixed = client.post("/v1/images", files=[("files", ("good.png", good)), ("files", ("strip.png", strip))])
+        assert mixed.status_code == 200, mixed.text
+        body = mixed.json()
+        assert [item["name"] for item in body["items"]] == ["good.png"]
+        assert [failed["name"] for failed in body["failed"]] == ["strip.png"]
+        assert body["failed"][0]["error"].startswith("strip.png: a 2000 x 1 image cannot be padded to a square")
+        assert client.get("/v1/stats").json()["images"] == before + 1
+        refused = client.post(
+            "/v1/annotate", files=[("files", ("strip.png", strip)), ("files", ("broken.png", b"\x89PNG\r\n\x1a\n"))]
+        )
+        assert refused.status_code == 422
+        assert refused.json()["error"].startswith("no file was added: strip.png: a 2000 x 1 image")
+        assert "broken.png" in refused.json()["error"]
+        assert client.get("/v1/stats").json()["images"] == before + 1
+        client.delete(f"/v1/images/{body['items'][0]['id']}")
+        searched = search_bytes(client, "strip.png", strip)
+        assert searched.status_code == 422
+        assert searched.json()["error"].startswith("strip.png: a 2000 x 1 image cannot be padded")
+    with service.client() as client:
+        schema = client.get("/openapi.json").json()
+    assert "Not atomic" in schema["paths"]["/v1/images"]["post"]["description"]
+    assert "Not atomic" in schema["paths"]["/v1/annotate"]["post"]["description"]

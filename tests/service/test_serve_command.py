@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 
+import cv2
 import httpx
+import numpy as np
 
-from tests.service.conftest import TOKEN
+from cbmir.service import ServiceSettings
+from tests.service.conftest import TOKEN, start
 
 
 def free_port() -> int:
@@ -50,3 +53,23 @@ def test_serve_never_prints_the_token(index_parts, tmp_path):
         output, _ = server.communicate(timeout=30)
     assert "every /v1 request needs the token" in output
     assert TOKEN not in output
+
+
+def test_leftovers_of_a_killed_server_are_removed_when_it_starts(index_parts, tmp_path):
+    """Issue 12, defect 11: temporary upload files left by a kill were never cleaned up."""
+    archive, model, shared_db = index_parts
+    db = shutil.copytree(shared_db, tmp_path / "db")
+    settings = ServiceSettings(db=db, model=model, token=TOKEN)
+    pixels = np.random.default_rng(5).integers(0, 255, (60, 40), dtype=np.uint8)
+    for running in start(settings, archive):
+        with running.client() as client:
+            added = client.post("/v1/images", files={"files": ("kept.png", cv2.imencode(".png", pixels)[1].tobytes())})
+            assert added.status_code == 200, added.text
+    uploads, thumbnails = db / "uploads", db / "thumbnails"
+    survivors = sorted(path.name for path in uploads.iterdir())
+    planted = [uploads / ".0123abcd.png.1a2b3c4d.tmp", thumbnails / ".7.png.5e6f7a8b.tmp", uploads / f"{'ab' * 32}.png"]
+    for path in planted:
+        path.write_bytes(b"half-written")
+    for _ in start(settings, archive):
+        assert not any(path.exists() for path in planted)
+        assert sorted(path.name for path in uploads.iterdir()) == survivors

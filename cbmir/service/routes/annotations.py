@@ -12,22 +12,25 @@ from fastapi.responses import Response
 
 from cbmir.index import QueryError
 from cbmir.service.dependencies import CatalogDep, authorised
-from cbmir.service.routes.images import ingest_batch
+from cbmir.service.routes.images import BATCH_SEMANTICS, ingest_batch
 from cbmir.service.schemas import BatchOut
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorised)], tags=["annotations"])
 MAX_EXPORT_IDS = 10_000
 
 
-@router.post("/annotate", response_model=BatchOut, summary="Propose codes for a batch of files")
+@router.post(
+    "/annotate",
+    response_model=BatchOut,
+    summary="Propose codes for a batch of files",
+    description="Each readable file is indexed (so that its proposal can be accepted) and gets its proposed "
+    "code; a file that is already indexed keeps its id and stored prediction. " + BATCH_SEMANTICS,
+)
 def annotate(
     catalog: CatalogDep,
     files: Annotated[list[UploadFile], File()],
     dataset: Annotated[str, Form(min_length=1, max_length=100)] = "annotation",
 ) -> BatchOut:
-    """Each readable file is indexed (so that its proposal can be accepted) and gets its proposed code;
-    a file that is already indexed keeps its id and stored prediction; unreadable files are listed
-    under `failed` with the reason."""
     return ingest_batch(catalog, files, dataset, None)
 
 

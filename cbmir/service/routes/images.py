@@ -8,13 +8,19 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import FileResponse
 
 from cbmir.imaging.io import ImageReadError
+from cbmir.imaging.preprocess import PreprocessingError
 from cbmir.service import views
-from cbmir.service.catalog import Catalog, upload_name
+from cbmir.service.catalog import BatchRefusedError, Catalog, upload_name
 from cbmir.service.dependencies import CatalogDep, authorised
 from cbmir.service.schemas import BatchOut, CodeIn, FailedOut, ImageDetailOut, ProposalOut
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorised)], tags=["images"])
 DatasetName = Annotated[str, Form(min_length=1, max_length=100)]
+BATCH_SEMANTICS = (
+    "Not atomic: each file is added or refused on its own, and the answer lists per file what was added "
+    "(`items`) and what was refused with the reason (`failed`). When no file could be added the answer is "
+    "422, naming every file and its reason."
+)
 
 
 @router.get("/images/{image_id}", response_model=ImageDetailOut, summary="An indexed image's metadata")
@@ -39,7 +45,12 @@ def original(catalog: CatalogDep, image_id: int) -> FileResponse:
     return FileResponse(path, filename=path.name, headers={"Cache-Control": "private, no-store"})
 
 
-@router.post("/images", response_model=BatchOut, summary="Add images, with a known code or predicted")
+@router.post(
+    "/images",
+    response_model=BatchOut,
+    summary="Add images, with a known code or predicted",
+    description=BATCH_SEMANTICS,
+)
 def add_images(
     catalog: CatalogDep,
     files: Annotated[list[UploadFile], File()],
@@ -66,14 +77,16 @@ def set_code(catalog: CatalogDep, image_id: int, body: CodeIn) -> ImageDetailOut
 
 
 def ingest_batch(catalog: Catalog, files: list[UploadFile], dataset: str, true_code: str | None) -> BatchOut:
-    """Index each readable file; an unreadable one is listed under `failed` with the reason."""
+    """Index each readable file; one that cannot be read or used is listed under `failed` with the reason
+    (see `BATCH_SEMANTICS`); a `BatchRefusedError` when none could be added."""
     items, failed = [], []
     for upload in files:
         name = upload_name(upload.filename)
         try:
             image_id, prediction = catalog.ingest(name, upload.file.read(), dataset, true_code)
-        except ImageReadError as error:
-            failed.append(FailedOut(name=name, error=str(error)))
+        except (ImageReadError, PreprocessingError) as error:
+            reason = str(error)
+            failed.append(FailedOut(name=name, error=reason if reason.startswith(name) else f"{name}: {reason}"))
             continue
         row = catalog.row(image_id)
         items.append(
@@ -88,4 +101,6 @@ def ingest_batch(catalog: Catalog, files: list[UploadFile], dataset: str, true_c
                 words=catalog.words(row.predicted),
             )
         )
+    if failed and not items:
+        raise BatchRefusedError("no file was added: " + "; ".join(failure.error for failure in failed))
     return BatchOut(items=items, failed=failed)

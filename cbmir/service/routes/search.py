@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
+from cbmir.imaging.preprocess import PreprocessingError
 from cbmir.service import views
 from cbmir.service.catalog import upload_name
 from cbmir.service.dependencies import CatalogDep, FormFilters, QueryFilters, authorised
@@ -24,7 +25,10 @@ def search_upload(
 ) -> SearchOut:
     name = upload_name(file.filename)
     radiograph = catalog.read_upload(name, file.file.read())
-    result = catalog.retrieval.search_image(radiograph.pixels, k, filters.filters())
+    try:
+        result = catalog.retrieval.search_image(radiograph.pixels, k, filters.filters())
+    except PreprocessingError as error:  # an image the model cannot take: say which upload
+        raise PreprocessingError(f"{name}: {error}") from None
     height, width = radiograph.pixels.shape[:2]
     return SearchOut(
         query=QueryOut(name=name, width=width, height=height),
