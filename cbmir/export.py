@@ -126,9 +126,13 @@ def export_graph(checkpoint: Checkpoint, samples: np.ndarray, *, described: str)
         "exported": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {name: _version(name) for name in ("torch", "onnx", "onnxscript", "onnxruntime")},
     }
-    write_atomically(folder / GRAPH_FILE, graph)
+    card = {**checkpoint.card, "onnx": section}
+    try:
+        write_atomically(folder / GRAPH_FILE, graph)
+        write_atomically(folder / CARD_FILE, (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
+    except OSError as error:
+        raise GraphError(f"cannot write the graph into {folder}: {error.strerror or error}") from None
     checkpoint.card["onnx"] = section
-    write_atomically(folder / CARD_FILE, (json.dumps(checkpoint.card, indent=2, sort_keys=True) + "\n").encode())
     return section
 
 
