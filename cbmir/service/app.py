@@ -23,6 +23,7 @@ from cbmir.embed import Embedder
 from cbmir.irma import CodeTables
 from cbmir.search import Retrieval
 from cbmir.service.catalog import Catalog
+from cbmir.service.dependencies import token_refusal
 from cbmir.service.errors import error_response, install_error_handlers
 from cbmir.service.routes import annotations as annotation_routes  # `annotations` is the __future__ feature
 from cbmir.service.routes import codes, images, search, system
@@ -81,6 +82,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.middleware("http")
     async def limits_and_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        refusal = token_refusal(request, settings)  # from the headers, before any of the body is read
+        if refusal is not None:
+            return refusal
         if request.method in ("POST", "PUT", "PATCH"):
             length = request.headers.get("content-length")
             if length is None:

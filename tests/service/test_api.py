@@ -82,6 +82,22 @@ def test_every_v1_call_without_the_right_token_is_401(service, token):
         assert service.client().get("/v1/images/1").status_code == 200
 
 
+@pytest.mark.timeout(30)
+def test_the_token_is_checked_before_the_body_is_read(service):
+    """Issue 12, defect 8: an unauthorised upload was read whole before its 401, and one whose body never came
+    held the connection for minutes. The 401 now comes from the headers alone."""
+    host, port = service.url.removeprefix("http://").split(":")
+    head = (
+        "POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        "Content-Length: 3000000\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(head.encode())  # and never the 3 MB it announces
+        answer = connection.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 401"), answer[:200]
+    assert "www-authenticate: bearer" in answer.lower()
+
+
 def test_every_v1_route_is_in_the_checked_list(service):
     """A new /v1 route must be added to V1_CALLS, so that the token test covers it."""
     spec = service.client().get("/openapi.json").json()

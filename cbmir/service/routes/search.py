@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from cbmir.imaging.preprocess import PreprocessingError
 from cbmir.service import views
 from cbmir.service.catalog import upload_name
-from cbmir.service.dependencies import CatalogDep, FormFilters, QueryFilters, authorised
+from cbmir.service.dependencies import CatalogDep, FormFilters, QueryFilters
 from cbmir.service.schemas import QueryOut, SearchOut
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(authorised)], tags=["search"])
+router = APIRouter(prefix="/v1", tags=["search"])
 MAX_RESULTS = 200
 
 
