@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from cbmir.embed import Embedder
 from cbmir.irma import CodeTables
 from cbmir.search import Retrieval
+from cbmir.service.body_timeout import BodyTimeout
 from cbmir.service.catalog import Catalog
 from cbmir.service.dependencies import token_refusal
 from cbmir.service.errors import error_response, install_error_handlers
@@ -98,6 +99,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             response.headers.setdefault(name, value)
         return response
 
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout_seconds)  # added last: outermost
     install_error_handlers(app)
     for router in (search.router, images.router, annotation_routes.router, codes.router, system.router):
         app.include_router(router)

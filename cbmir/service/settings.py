@@ -21,7 +21,8 @@ class ServiceConfigError(CbmirError):
 
 class ServiceSettings(Settings):
     """`token`: the bearer token every /v1 request must carry (None: no token, loopback only).
-    `max_upload_bytes`: the largest request body; `max_pixels` (from `Settings`): the largest image.
+    `max_upload_bytes`: the largest request body; `body_timeout_seconds`: the longest a request body may
+    pause before it is answered 408; `max_pixels` (from `Settings`): the largest image.
     `allow_originals`: serve the original files, not only thumbnails. `cors_origins`: web origins allowed to
     call the API from a browser (none by default). `dicom_tags`: DICOM tags stored beside uploaded images on
     top of the technical ones; never set it to patient-identifying tags unless the index may hold them.
@@ -35,6 +36,7 @@ class ServiceSettings(Settings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_upload_bytes: int = Field(default=64 * MEGABYTE, ge=1)
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     allow_originals: bool = False
     cors_origins: tuple[str, ...] = ()
     dicom_tags: tuple[str, ...] = ()

@@ -11,6 +11,7 @@ import time
 import cv2
 import httpx
 import numpy as np
+import pytest
 
 from cbmir.service import ServiceSettings
 from tests.service.conftest import TOKEN, start
@@ -73,3 +74,28 @@ def test_leftovers_of_a_killed_server_are_removed_when_it_starts(index_parts, tm
     for _ in start(settings, archive):
         assert not any(path.exists() for path in planted)
         assert sorted(path.name for path in uploads.iterdir()) == survivors
+
+
+@pytest.mark.timeout(60)
+def test_a_body_that_stops_arriving_is_answered_408(index_parts, tmp_path):
+    """Issue 12, defect 8: a body that stopped short of its Content-Length held the connection for minutes."""
+    archive, model, shared_db = index_parts
+    db = shutil.copytree(shared_db, tmp_path / "db")
+    settings = ServiceSettings(db=db, model=model, token=TOKEN, body_timeout_seconds=1)
+    for running in start(settings, archive):
+        host, port = running.url.removeprefix("http://").split(":")
+        head = (
+            f"POST /v1/search HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+        )
+        with socket.create_connection((host, int(port)), timeout=20) as connection:
+            connection.sendall(head.encode())  # then nothing more of the 100 kB it announces
+            started = time.monotonic()
+            answer = ""
+            while chunk := connection.recv(4096).decode(errors="replace"):  # until the server closes
+                answer += chunk
+        assert answer.startswith("HTTP/1.1 408"), answer[:300]
+        assert "the request body stopped arriving" in answer
+        assert time.monotonic() - started < 10
+        with running.client() as client:  # and the server goes on answering
+            assert client.get("/v1/stats").status_code == 200
