@@ -104,6 +104,7 @@ def export_graph(checkpoint: Checkpoint, samples: np.ndarray, *, described: str)
         raise GraphError(
             f"export needs prepared sample inputs (uint8 N x H x W x 3), got {samples.dtype} {samples.shape}"
         )
+    samples = np.array(samples)  # a writable copy (a memory-mapped cache is read-only, which torch warns of)
     model = checkpoint.model.eval().to("cpu")
     module = _GraphModule(model).eval()
     graph = _export_bytes(module, torch.from_numpy(samples[: min(len(samples), 2)]))
