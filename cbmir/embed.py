@@ -56,7 +56,7 @@ Outputs = tuple[np.ndarray, dict[str, np.ndarray]]
 
 
 class RuntimeUnavailableError(CbmirError):
-    """An inference runtime that is not installed or cannot load the checkpoint's graph."""
+    """An inference runtime that is not installed, or a runtime name that does not exist."""
 
 
 @dataclass

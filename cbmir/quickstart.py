@@ -19,7 +19,7 @@ from cbmir.checkpoint import CARD_FILE, Checkpoint, load_checkpoint
 from cbmir.datasets import open_dataset
 from cbmir.embed import Embedder
 from cbmir.errors import CbmirError
-from cbmir.export import export_graph, sample_inputs
+from cbmir.export import GraphError, export_graph, sample_inputs
 from cbmir.irma import CodeTables
 from cbmir.search import Retrieval
 from cbmir.service import ServiceSettings
@@ -108,9 +108,11 @@ def _model(folder: Path, dataset, tables: CodeTables | None, mode: str, say: Cal
         checkpoint = load_checkpoint(folder)
         if "onnx" not in checkpoint.card:  # trained before models had their ONNX graph
             say("exporting it to ONNX for ONNX Runtime (once)")
-            export_graph(
-                checkpoint, sample_inputs(dataset.records, checkpoint.pipeline), described=f"images of {dataset.name}"
-            )
+            try:
+                samples = sample_inputs(dataset.records, checkpoint.pipeline)
+                export_graph(checkpoint, samples, described=f"images of {dataset.name}")
+            except GraphError as error:
+                say(f"note: {error}; the model runs in torch")
         return checkpoint
     interrupted = (folder / TRAINING_STATE).exists()
     say(f"{'resuming' if interrupted else 'training'} the default CPU model ({mode} mode) in {folder}")
