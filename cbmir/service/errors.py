@@ -4,6 +4,7 @@ the status its kind calls for, and a message that says what was wrong (naming th
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +15,7 @@ from cbmir.errors import CbmirError
 from cbmir.imaging.io import ImageReadError, ImageTooLargeError, NotAnImageError
 from cbmir.index import UnknownImageError
 from cbmir.service.catalog import InvalidCodeError, OriginalsDisabledError, OriginalUnavailableError
+from cbmir.service.schemas import ErrorOut
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,28 @@ STATUS_OF: tuple[tuple[type[CbmirError], int], ...] = (
     (InvalidCodeError, 422),
     (CbmirError, 422),  # any other bad input: a malformed filter, k or id
 )
+
+
+ERROR_MEANINGS = {
+    401: "no valid bearer token",
+    403: "not allowed by this server's settings",
+    404: "no such image, or its original is gone",
+    411: "the request gives no Content-Length",
+    413: "the request body or the image is above the server's limit",
+    415: "the upload is not an image format cbmir reads",
+    422: "a malformed field, filter, code or image (the message names it)",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses: each an `ErrorOut` with what it means."""
+    return {status: {"model": ErrorOut, "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+# Every /v1 route: the token, and the validation of what it was given.
+V1_ERRORS = documented(401, 422)
+UPLOAD_ERRORS = documented(411, 413, 415)
+BY_ID_ERRORS = documented(404)
 
 
 def status_of(error: CbmirError) -> int:

@@ -103,6 +103,12 @@ class ProposalOut(BaseModel):
     words: str | None
 
 
+class ErrorOut(BaseModel):
+    """Every error answer: what was wrong, naming the file or field."""
+
+    error: str
+
+
 class FailedOut(BaseModel):
     name: str
     error: str

@@ -405,3 +405,29 @@ def test_a_batch_adds_per_file_and_a_batch_of_refused_files_is_422(service):
         schema = client.get("/openapi.json").json()
     assert "Not atomic" in schema["paths"]["/v1/images"]["post"]["description"]
     assert "Not atomic" in schema["paths"]["/v1/annotate"]["post"]["description"]
+
+
+def test_the_schema_documents_each_routes_error_answers(service):
+    """Issue 12, defect 13 (in part): error answers were missing from the OpenAPI schema, and `files` allowed
+    an empty list."""
+    with service.client() as client:
+        spec = client.get("/openapi.json").json()
+        empty = client.post("/v1/images", data={"dataset": "x"})
+    assert empty.status_code == 422 and "files" in empty.json()["error"]
+    error_schema = {"$ref": "#/components/schemas/ErrorOut"}
+    for path, item in spec["paths"].items():
+        if not path.startswith("/v1"):
+            continue
+        for method, operation in item.items():
+            documented = {code: answer for code, answer in operation["responses"].items() if code != "200"}
+            assert {"401", "422"} <= set(documented), (method, path)
+            if "{image_id}" in path:
+                assert "404" in documented, (method, path)
+            if method == "post":
+                assert {"411", "413", "415"} <= set(documented), (method, path)
+            for code, answer in documented.items():
+                assert answer["content"]["application/json"]["schema"] == error_schema, (method, path, code)
+            upload = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if upload:
+                fields = spec["components"]["schemas"][upload["schema"]["$ref"].rsplit("/", 1)[-1]]["properties"]
+                assert "files" not in fields or fields["files"]["minItems"] == 1, (method, path)

@@ -12,10 +12,11 @@ from fastapi.responses import Response
 
 from cbmir.index import QueryError
 from cbmir.service.dependencies import CatalogDep
+from cbmir.service.errors import UPLOAD_ERRORS, V1_ERRORS
 from cbmir.service.routes.images import BATCH_SEMANTICS, ingest_batch
 from cbmir.service.schemas import BatchOut
 
-router = APIRouter(prefix="/v1", tags=["annotations"])
+router = APIRouter(prefix="/v1", tags=["annotations"], responses=V1_ERRORS)
 MAX_EXPORT_IDS = 10_000
 
 
@@ -25,10 +26,11 @@ MAX_EXPORT_IDS = 10_000
     summary="Propose codes for a batch of files",
     description="Each readable file is indexed (so that its proposal can be accepted) and gets its proposed "
     "code; a file that is already indexed keeps its id and stored prediction. " + BATCH_SEMANTICS,
+    responses=UPLOAD_ERRORS,
 )
 def annotate(
     catalog: CatalogDep,
-    files: Annotated[list[UploadFile], File()],
+    files: Annotated[list[UploadFile], File(min_length=1)],
     dataset: Annotated[str, Form(min_length=1, max_length=100)] = "annotation",
 ) -> BatchOut:
     return ingest_batch(catalog, files, dataset, None)

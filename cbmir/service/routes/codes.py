@@ -7,9 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 
 from cbmir.service.dependencies import CatalogDep
+from cbmir.service.errors import V1_ERRORS
 from cbmir.service.schemas import CodeEntry, CodesOut
 
-router = APIRouter(prefix="/v1", tags=["codes"])
+router = APIRouter(prefix="/v1", tags=["codes"], responses=V1_ERRORS)
 
 
 @router.get("/codes", response_model=CodesOut, summary="IRMA codes present in the index, in words, per axis")

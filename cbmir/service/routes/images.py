@@ -12,9 +12,10 @@ from cbmir.imaging.preprocess import PreprocessingError
 from cbmir.service import views
 from cbmir.service.catalog import BatchRefusedError, Catalog, upload_name
 from cbmir.service.dependencies import CatalogDep
+from cbmir.service.errors import BY_ID_ERRORS, UPLOAD_ERRORS, V1_ERRORS, documented
 from cbmir.service.schemas import BatchOut, CodeIn, FailedOut, ImageDetailOut, ProposalOut
 
-router = APIRouter(prefix="/v1", tags=["images"])
+router = APIRouter(prefix="/v1", tags=["images"], responses=V1_ERRORS)
 DatasetName = Annotated[str, Form(min_length=1, max_length=100)]
 BATCH_SEMANTICS = (
     "Not atomic: each file is added or refused on its own, and the answer lists per file what was added "
@@ -23,12 +24,16 @@ BATCH_SEMANTICS = (
 )
 
 
-@router.get("/images/{image_id}", response_model=ImageDetailOut, summary="An indexed image's metadata")
+@router.get(
+    "/images/{image_id}", response_model=ImageDetailOut, summary="An indexed image's metadata", responses=BY_ID_ERRORS
+)
 def image(catalog: CatalogDep, image_id: int) -> ImageDetailOut:
     return views.image_detail(catalog, catalog.row(image_id))
 
 
-@router.get("/images/{image_id}/thumbnail", response_class=FileResponse, summary="A PNG thumbnail")
+@router.get(
+    "/images/{image_id}/thumbnail", response_class=FileResponse, summary="A PNG thumbnail", responses=BY_ID_ERRORS
+)
 def thumbnail(catalog: CatalogDep, image_id: int) -> FileResponse:
     return FileResponse(
         catalog.thumbnail(image_id), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
@@ -39,6 +44,7 @@ def thumbnail(catalog: CatalogDep, image_id: int) -> FileResponse:
     "/images/{image_id}/original",
     response_class=FileResponse,
     summary="The original file (only when the server allows originals)",
+    responses={**BY_ID_ERRORS, **documented(403)},
 )
 def original(catalog: CatalogDep, image_id: int) -> FileResponse:
     path = catalog.original(image_id)
@@ -50,17 +56,18 @@ def original(catalog: CatalogDep, image_id: int) -> FileResponse:
     response_model=BatchOut,
     summary="Add images, with a known code or predicted",
     description=BATCH_SEMANTICS,
+    responses=UPLOAD_ERRORS,
 )
 def add_images(
     catalog: CatalogDep,
-    files: Annotated[list[UploadFile], File()],
+    files: Annotated[list[UploadFile], File(min_length=1)],
     code: Annotated[str | None, Form()] = None,
     dataset: DatasetName = "uploads",
 ) -> BatchOut:
     return ingest_batch(catalog, files, dataset, catalog.check_code(code) if code else None)
 
 
-@router.delete("/images/{image_id}", summary="Remove an image for good")
+@router.delete("/images/{image_id}", summary="Remove an image for good", responses=BY_ID_ERRORS)
 def remove_image(catalog: CatalogDep, image_id: int) -> dict[str, int]:
     catalog.remove(image_id)
     return {"removed": image_id}
@@ -70,6 +77,7 @@ def remove_image(catalog: CatalogDep, image_id: int) -> dict[str, int]:
     "/images/{image_id}/code",
     response_model=ImageDetailOut,
     summary="Accept or correct a proposal: store the true code",
+    responses={**BY_ID_ERRORS, **documented(411, 413)},
 )
 def set_code(catalog: CatalogDep, image_id: int, body: CodeIn) -> ImageDetailOut:
     catalog.set_true_code(image_id, body.code)

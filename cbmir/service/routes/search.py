@@ -10,13 +10,14 @@ from cbmir.imaging.preprocess import PreprocessingError
 from cbmir.service import views
 from cbmir.service.catalog import upload_name
 from cbmir.service.dependencies import CatalogDep, FormFilters, QueryFilters
+from cbmir.service.errors import BY_ID_ERRORS, UPLOAD_ERRORS, V1_ERRORS
 from cbmir.service.schemas import QueryOut, SearchOut
 
-router = APIRouter(prefix="/v1", tags=["search"])
+router = APIRouter(prefix="/v1", tags=["search"], responses=V1_ERRORS)
 MAX_RESULTS = 200
 
 
-@router.post("/search", response_model=SearchOut, summary="Search by an uploaded radiograph")
+@router.post("/search", response_model=SearchOut, summary="Search by an uploaded radiograph", responses=UPLOAD_ERRORS)
 def search_upload(
     catalog: CatalogDep,
     file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF, BMP or DICOM")],
@@ -37,7 +38,9 @@ def search_upload(
     )
 
 
-@router.get("/images/{image_id}/similar", response_model=SearchOut, summary="Search by an indexed image")
+@router.get(
+    "/images/{image_id}/similar", response_model=SearchOut, summary="Search by an indexed image", responses=BY_ID_ERRORS
+)
 def search_by_id(
     catalog: CatalogDep, image_id: int, filters: QueryFilters, k: Annotated[int, Query(ge=1, le=MAX_RESULTS)] = 10
 ) -> SearchOut:
