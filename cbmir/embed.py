@@ -134,9 +134,9 @@ class _OnnxRunner:
             first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             raise GraphError(f"{graph}: ONNX Runtime cannot load it ({first}): run `cbmir export`") from None
         names = [output.name for output in self.session.get_outputs()]
-        expected = [EMBEDDING_OUTPUT, *(head_output(head) for head in heads)]
-        if sorted(names) != sorted(expected):
-            raise GraphError(f"{graph}: its outputs {names} are not this model's {expected}: run `cbmir export`")
+        self.outputs = [EMBEDDING_OUTPUT, *(head_output(head) for head in heads)]
+        if sorted(names) != sorted(self.outputs):
+            raise GraphError(f"{graph}: its outputs {names} are not this model's {self.outputs}: run `cbmir export`")
         self.heads = heads
         self.description = (
             f"ONNX Runtime {onnxruntime.__version__} ({self.session.get_providers()[0]}, "
@@ -144,8 +144,7 @@ class _OnnxRunner:
         )
 
     def __call__(self, images: np.ndarray) -> Outputs:
-        outputs = [EMBEDDING_OUTPUT, *(head_output(head) for head in self.heads)]
-        vectors, *logits = self.session.run(outputs, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)})
+        vectors, *logits = self.session.run(self.outputs, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)})
         return vectors, dict(zip(self.heads, logits, strict=True))
 
 

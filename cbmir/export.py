@@ -35,7 +35,7 @@ from torch import nn
 from cbmir.checkpoint import CARD_FILE, WEIGHTS_FILE, Checkpoint, CheckpointError
 from cbmir.datasets import Record, load_pixels
 from cbmir.errors import CbmirError
-from cbmir.files import write_atomically
+from cbmir.files import file_digest, write_atomically
 from cbmir.imaging.io import ImageReadError
 from cbmir.imaging.preprocess import Preprocessing
 from cbmir.models import RadiographNet
@@ -70,14 +70,6 @@ class _GraphModule(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         output = self.model(images.permute(0, 3, 1, 2).float())
         return (F.normalize(output.features, dim=1), *(output.logits[head] for head in self.heads))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -118,7 +110,7 @@ def export_graph(checkpoint: Checkpoint, samples: np.ndarray, *, described: str)
     section = {
         "file": GRAPH_FILE,
         "sha256": hashlib.sha256(graph).hexdigest(),
-        "weights_sha256": sha256_file(folder / WEIGHTS_FILE),
+        "weights_sha256": file_digest(folder / WEIGHTS_FILE)[1],
         "inputs": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "max_batch": MAX_GRAPH_BATCH},
         "outputs": [EMBEDDING_OUTPUT, *(head_output(head) for head in module.heads)],
         "checked_on": f"{len(samples)} {described}",
@@ -175,12 +167,12 @@ def _export_bytes(module: _GraphModule, example: torch.Tensor) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def compare(graph: bytes | Path, module: nn.Module, samples: np.ndarray) -> Agreement:
-    """Run `samples` through ONNX Runtime and torch, in batches of one and of up to eight."""
+def compare(graph: bytes, module: nn.Module, samples: np.ndarray) -> Agreement:
+    """Run `samples` through ONNX Runtime (the serialised `graph`) and torch, in batches of one and of up to
+    eight."""
     import onnxruntime
 
-    source = str(graph) if isinstance(graph, Path) else graph
-    session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
     embedding_error = logit_error = 0.0
     chunks = [samples[:1], *(samples[start : start + 8] for start in range(0, len(samples), 8))]
     with torch.inference_mode():
@@ -204,9 +196,9 @@ def graph_for(checkpoint: Checkpoint) -> Path:
     path = folder / str(section.get("file", GRAPH_FILE))
     if not path.is_file():
         raise GraphError(f"{path} is missing: {remedy}")
-    if sha256_file(folder / WEIGHTS_FILE) != section.get("weights_sha256"):
+    if file_digest(folder / WEIGHTS_FILE)[1] != section.get("weights_sha256"):
         raise GraphError(f"{path} was exported from other weights than {folder / WEIGHTS_FILE} (stale): {remedy}")
-    if sha256_file(path) != section.get("sha256"):
+    if file_digest(path)[1] != section.get("sha256"):
         raise GraphError(f"{path} is not the graph its card records (replaced or damaged): {remedy}")
     return path
 

@@ -20,6 +20,7 @@ from cbmir.checkpoint import WEIGHTS_FILE, load_checkpoint
 from cbmir.cli import app
 from cbmir.embed import Embedder, RuntimeUnavailableError
 from cbmir.export import EMBEDDING_TOLERANCE, LOGIT_TOLERANCE, GraphError, export_graph
+from cbmir.files import file_digest
 from cbmir.search import Retrieval
 from cbmir.synthetic import phantom
 from tests.conftest import small_checkpoint
@@ -113,7 +114,7 @@ def test_a_graph_that_ort_cannot_load_is_named(copy):
     graph = copy / "model.onnx"
     graph.write_bytes(b"\x08\x07garbage")
     card = json.loads((copy / "card.json").read_text())
-    card["onnx"]["sha256"] = cbmir.export.sha256_file(graph)
+    card["onnx"]["sha256"] = file_digest(graph)[1]
     (copy / "card.json").write_text(json.dumps(card))
     with pytest.raises(GraphError, match=f"{graph}: ONNX Runtime cannot load it"):
         Embedder.load(copy)

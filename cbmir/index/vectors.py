@@ -20,7 +20,6 @@ The caller (the engine) serialises access and holds the folder lock, so no other
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from cbmir.files import file_digest
 from cbmir.index.errors import IndexConfigError
 from cbmir.index.filters import Filters
 from cbmir.index.store import Store
@@ -122,17 +122,6 @@ def _as_float32(array: np.ndarray) -> np.ndarray:
 
 def _gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
-def _file_digest(path: Path) -> tuple[int, str]:
-    """Size and sha256 of a file, fsynced on the way."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 22):
-            digest.update(chunk)
-            size += len(chunk)
-        os.fsync(file.fileno())
-    return size, digest.hexdigest()
 
 
 def _replace_atomically(path: Path, write) -> None:
@@ -235,7 +224,7 @@ class Vectors:
         if not isinstance(manifest.get("last_id"), int):
             return f"its last_id is {manifest.get('last_id')!r}"
         try:
-            size, digest = _file_digest(self.index_path)
+            size, digest = file_digest(self.index_path, sync=True)
         except FileNotFoundError:
             return f"{INDEX_FILE} is missing"
         if size != manifest.get("size") or digest != manifest.get("sha256"):
@@ -277,7 +266,7 @@ class Vectors:
 
         def write_index(path: Path) -> None:
             faiss.write_index(self._ready, str(path))
-            written["file"] = _file_digest(path)
+            written["file"] = file_digest(path, sync=True)
 
         _replace_atomically(self.index_path, write_index)
         size, digest = written["file"]

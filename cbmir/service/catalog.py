@@ -25,7 +25,7 @@ import numpy as np
 
 from cbmir.datasets import read_pixels
 from cbmir.errors import CbmirError
-from cbmir.files import write_atomically
+from cbmir.files import remove_temporaries, write_atomically
 from cbmir.imaging.io import Radiograph, read_image
 from cbmir.imaging.listing import IMAGE_SUFFIXES
 from cbmir.imaging.preprocess import to_uint8, to_uint16
@@ -95,8 +95,7 @@ class Catalog:
         """What a server killed mid-write leaves (before any request is served): temporary files of the
         atomic writer, and uploads whose row was never added (the file is written before its row)."""
         for name in (UPLOADS, THUMBNAILS):
-            for path in (self.engine.folder / name).glob(".*.tmp"):
-                path.unlink(missing_ok=True)
+            remove_temporaries(self.engine.folder / name)
         uploads = sorted((self.engine.folder / UPLOADS).iterdir())
         stored = self.engine.hashes_present([path.name.split(".")[0] for path in uploads])
         for path in uploads:
