@@ -25,6 +25,10 @@ irma_app = typer.Typer(help="IRMA codes: decode and check.", no_args_is_help=Tru
 app.add_typer(irma_app, name="irma")
 db_app = typer.Typer(help="The search index: statistics and failures.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+users_app = typer.Typer(help="The service's users: each has a role and a token of their own.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+audit_app = typer.Typer(help="The audit trail of an index: who read and changed what.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 
 class CodeSourceOption(enum.StrEnum):
@@ -526,7 +530,7 @@ def _run_service(settings: ServiceSettings) -> None:
     from cbmir.embed import set_threads
     from cbmir.service import create_app
 
-    settings.check_binding()
+    settings.check_binding(has_users=_access(settings.db)[0].has_users())
     set_threads(settings.threads)  # the service's own settings hold $CBMIR_THREADS: no second read
     app_instance = create_app(settings)
     typer.echo(f"cbmir: serving {settings.db} at http://{settings.host}:{settings.port}/ (API docs at /docs)")
@@ -590,3 +594,181 @@ def irma_decode(
         typer.echo(f"  {axis:<12} {parsed[axis]:<5} {', '.join(texts)}")
     for problem in code_tables.validate(parsed):
         typer.echo(f"  note: {problem}")
+
+
+class RoleOption(enum.StrEnum):
+    """`cbmir.access.Role` as a typer choice."""
+
+    reader = "reader"
+    annotator = "annotator"
+    admin = "admin"
+
+
+def _access(db: Path):
+    """The users and the audit trail of an index, opened beside a running service (not through its engine,
+    which one process at a time may open)."""
+    from cbmir.access import AuditTrail, UserDirectory
+    from cbmir.index import STORE_FILE
+    from cbmir.index.store import Store
+
+    store = Store(_existing_index(db) / STORE_FILE)
+    return UserDirectory(store), AuditTrail(store)
+
+
+def _audit_command(trail, route: str, name: str, **detail) -> None:
+    """Record a change made with the `cbmir users` command in the audit trail, under the system user."""
+    import getpass
+
+    from cbmir.access import Event
+
+    trail.append(
+        Event(
+            user=f"cli:{getpass.getuser()}",
+            role="admin",
+            route=route,
+            client="cli",
+            status=0,
+            detail={"user": name, **detail},
+        )
+    )
+
+
+def _show_token(token: str, name: str) -> None:
+    typer.echo(token)
+    typer.echo(f"the token of {name}: shown this once, only its hash is kept; give it to them privately", err=True)
+
+
+@users_app.command("add")
+@reports_errors
+def users_add(
+    name: Annotated[str, typer.Argument(help="User name (letters, digits, '.', '_', '@', '-').")],
+    db: DbOption,
+    role: Annotated[RoleOption, typer.Option(help="reader: search and view; annotator: also codes; admin: all.")],
+) -> None:
+    """Add a user and print their token (once: only a salted hash of it is kept)."""
+    from cbmir.access import Role
+
+    users, trail = _access(db)
+    token = users.add(name, Role(role.value))
+    _audit_command(trail, "cbmir users add", name, role=role.value)
+    _show_token(token, name)
+
+
+@users_app.command("list")
+@reports_errors
+def users_list(db: DbOption) -> None:
+    """The users, their roles and whether they are disabled."""
+    users, _ = _access(db)
+    for user in users.users():
+        state = "disabled" if user.disabled else "enabled"
+        typer.echo(
+            f"{user.name:<24} {user.role.value:<10} {state:<9} added {user.created_at}, changed {user.changed_at}"
+        )
+
+
+@users_app.command("rotate")
+@reports_errors
+def users_rotate(name: Annotated[str, typer.Argument()], db: DbOption) -> None:
+    """Give a user a new token (printed once); the old one is refused from now on."""
+    users, trail = _access(db)
+    token = users.rotate(name)
+    _audit_command(trail, "cbmir users rotate", name)
+    _show_token(token, name)
+
+
+@users_app.command("disable")
+@reports_errors
+def users_disable(
+    name: Annotated[str, typer.Argument()],
+    db: DbOption,
+    enable: Annotated[bool, typer.Option("--enable", help="Enable a disabled user again instead.")] = False,
+) -> None:
+    """Refuse a user's token from their next request on (or, with --enable, accept it again)."""
+    users, trail = _access(db)
+    users.set_disabled(name, not enable)
+    _audit_command(trail, "cbmir users " + ("enable" if enable else "disable"), name)
+    typer.echo(f"{name} is {'enabled' if enable else 'disabled'}")
+
+
+@users_app.command("role")
+@reports_errors
+def users_role(
+    name: Annotated[str, typer.Argument()], db: DbOption, role: Annotated[RoleOption, typer.Option()]
+) -> None:
+    """Change a user's role (their token stays)."""
+    from cbmir.access import Role
+
+    users, trail = _access(db)
+    users.set_role(name, Role(role.value))
+    _audit_command(trail, "cbmir users role", name, role=role.value)
+    typer.echo(f"{name} is now {role.value}")
+
+
+@audit_app.command("show")
+@reports_errors
+def audit_show(
+    db: DbOption,
+    user: Annotated[str | None, typer.Option(help="Only this user's records.")] = None,
+    image: Annotated[int | None, typer.Option(help="Only records that returned or changed this image id.")] = None,
+    since: Annotated[str | None, typer.Option(help="From this UTC time or date on (e.g. 2026-12-01).")] = None,
+    until: Annotated[str | None, typer.Option(help="Before this UTC time or date.")] = None,
+    last: Annotated[int | None, typer.Option(min=1, help="Only the newest N records.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+) -> None:
+    """The audit records, oldest first: time, user, role, route, status, result count, client, image ids."""
+    from dataclasses import asdict
+
+    _, trail = _access(db)
+    records = trail.records(user=user, image=image, since=_iso(since, "since"), until=_iso(until, "until"), last=last)
+    for record in records:
+        if as_json:
+            typer.echo(json.dumps(asdict(record), sort_keys=True))
+            continue
+        images = ",".join(map(str, record.images[:20])) + (",..." if len(record.images) > 20 else "")
+        count = "-" if record.count is None else record.count
+        typer.echo(
+            f"{record.seq}\t{record.at}\t{record.user}\t{record.role}\t{record.route}\t{record.status}\t"
+            f"{count}\t{record.client}\t{images or '-'}"
+        )
+    typer.echo(f"{len(records)} record(s)", err=True)
+
+
+def _iso(value: str | None, name: str) -> str | None:
+    """A time given on the command line, checked and in the audit trail's form (UTC ISO 8601)."""
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise CbmirError(f"--{name} {value!r}: give a date or time such as 2026-12-01 or 2026-12-01T09:30") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+
+
+@audit_app.command("verify")
+@reports_errors
+def audit_verify(
+    db: DbOption,
+    head: Annotated[
+        str | None,
+        typer.Option(help="A head noted earlier (SEQ:HASH, as this command prints): check it is still there."),
+    ] = None,
+) -> None:
+    """Check the audit trail's hash chain: exit 0 when intact, 1 (listing what is wrong) when not."""
+    noted = None
+    if head is not None:
+        seq, _, digest = head.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise CbmirError(f"--head {head!r}: expected SEQ:HASH, e.g. 42:<64 hex digits>")
+        noted = (int(seq), digest)
+    _, trail = _access(db)
+    result = trail.verify(noted)
+    for problem in result.problems[:50]:
+        typer.secho(f"problem: {problem}", err=True, fg=typer.colors.RED)
+    if len(result.problems) > 50:
+        typer.secho(f"... and {len(result.problems) - 50} more", err=True, fg=typer.colors.RED)
+    where = f"; head {result.head[0]}:{result.head[1]}" if result.head else ""
+    typer.echo(f"{result.records} record(s){where}: " + ("intact" if result.intact else "NOT intact"))
+    if not result.intact:
+        raise typer.Exit(1)

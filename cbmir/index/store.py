@@ -19,6 +19,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -209,6 +210,19 @@ class Store:
 
     def _transaction(self):
         return _Transaction(self._db)
+
+    @contextmanager
+    def writing(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside one write transaction (committed at the end, rolled back on any error), for
+        the tables other modules keep in this file (`cbmir.access`: users and the audit trail)."""
+        with self._lock, self._transaction():
+            yield self._db
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for reads of those tables."""
+        with self._lock:
+            yield self._db
 
     def _meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

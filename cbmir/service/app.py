@@ -17,17 +17,21 @@ from contextlib import asynccontextmanager
 import swagger_ui_bundle
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 
+from cbmir.access import AuditTrail, UserDirectory
 from cbmir.embed import Embedder
+from cbmir.index import STORE_FILE
+from cbmir.index.store import Store
 from cbmir.irma import CodeTables
 from cbmir.search import Retrieval
+from cbmir.service.access import Gate
 from cbmir.service.body_timeout import BodyTimeout
 from cbmir.service.catalog import Catalog
-from cbmir.service.dependencies import token_refusal
 from cbmir.service.errors import error_response, install_error_handlers
+from cbmir.service.routes import account, codes, images, search, system
 from cbmir.service.routes import annotations as annotation_routes  # `annotations` is the __future__ feature
-from cbmir.service.routes import codes, images, search, system
 from cbmir.service.settings import ServiceSettings
 
 SECURITY_HEADERS = {
@@ -40,7 +44,9 @@ SECURITY_HEADERS = {
 }
 DESCRIPTION = (
     "Content-based retrieval of radiographs: search similar prior cases, predict IRMA codes, pre-label "
-    "images. Every /v1 endpoint needs `Authorization: Bearer <token>`."
+    "images. Every /v1 endpoint needs `Authorization: Bearer <token>`, of a user whose role allows it "
+    "(reader: search and view; annotator: also propose and record codes; admin: also add and remove images), "
+    "and every /v1 request is recorded in the index's audit trail."
 )
 
 
@@ -64,15 +70,21 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         allow_originals=settings.allow_originals,
     )
 
+    access_store = Store(settings.db / STORE_FILE)  # its own connection: audit writes never wait for searches
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
             retrieval.close()
+            access_store.close()
 
     app = FastAPI(title="cbmir", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, description=DESCRIPTION)
-    app.state.settings, app.state.catalog = settings, catalog
+    routers = (account.router, search.router, images.router, annotation_routes.router, codes.router, system.router)
+    api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
+    gate = Gate(api_routes, settings, UserDirectory(access_store), AuditTrail(access_store))
+    app.state.settings, app.state.catalog, app.state.gate = settings, catalog, gate
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -82,10 +94,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         )
 
     @app.middleware("http")
-    async def limits_and_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        refusal = token_refusal(request, settings)  # from the headers, before any of the body is read
-        if refusal is not None:
-            return refusal
+    async def limits(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         if request.method in ("POST", "PUT", "PATCH"):
             length = request.headers.get("content-length")
             if length is None:
@@ -94,6 +103,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 return error_response(
                     413, f"the request body ({length} bytes) is above the limit of {settings.max_upload_bytes:,} bytes"
                 )
+        return await call_next(request)
+
+    app.middleware("http")(gate)  # outside the limits: who asks is known (and audited) first
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         response = await call_next(request)
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
@@ -101,7 +116,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     app.add_middleware(BodyTimeout, seconds=settings.body_timeout_seconds)  # added last: outermost
     install_error_handlers(app)
-    for router in (search.router, images.router, annotation_routes.router, codes.router, system.router):
+    for router in routers:
         app.include_router(router)
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
     app.mount("/static", StaticFiles(directory=system.STATIC), name="static")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -133,3 +133,11 @@ class CodeEntry(BaseModel):
 class CodesOut(BaseModel):
     tables: bool
     axes: dict[str, list[CodeEntry]]
+
+
+class CallerOut(BaseModel):
+    """The caller of `GET /v1/me`: their user name, role, and the routes ("METHOD path") it allows."""
+
+    user: str
+    role: Literal["reader", "annotator", "admin"]
+    allowed: list[str]

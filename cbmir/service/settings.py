@@ -28,6 +28,7 @@ class ServiceSettings(Settings):
     top of the technical ones; never set it to patient-identifying tags unless the index may hold them.
     `max_batch` and `batch_wait_ms`: concurrent searches are joined into one model run of up to `max_batch`
     images, which waits up to `batch_wait_ms` for more searches before it starts (see `cbmir.embed`).
+    `failed_logins_per_minute`: wrong tokens a client may send in a minute before it is answered 429.
     Each is also read from ``CBMIR_<NAME>`` (``CBMIR_TOKEN``...)."""
 
     db: Path
@@ -42,6 +43,7 @@ class ServiceSettings(Settings):
     dicom_tags: tuple[str, ...] = ()
     max_batch: int = Field(default=16, ge=1, le=256)
     batch_wait_ms: float = Field(default=0.0, ge=0, le=1000)
+    failed_logins_per_minute: int = Field(default=10, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -51,12 +53,13 @@ class ServiceSettings(Settings):
             raise ServiceConfigError("CORS origin '*' would let any web page read the images: name the origins")
         return self
 
-    def check_binding(self) -> None:
-        """Refuse to listen beyond this machine without a token."""
-        if self.token is None and not is_loopback(self.host):
+    def check_binding(self, has_users: bool) -> None:
+        """Refuse to listen beyond this machine when no token is needed (no server token, no users)."""
+        if self.token is None and not has_users and not is_loopback(self.host):
             raise ServiceConfigError(
                 f"no token configured: refusing to listen on {self.host}, which other machines can reach. "
-                f"Set a token (--token-file, or the {TOKEN_ENV} environment variable) or listen on 127.0.0.1"
+                f"Add users ('cbmir users add'), set a token (--token-file, or the {TOKEN_ENV} environment "
+                "variable) or listen on 127.0.0.1"
             )
 
 

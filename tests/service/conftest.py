@@ -89,5 +89,6 @@ def service(index_parts, tmp_path_factory):
         token=TOKEN,
         max_upload_bytes=4 << 20,
         max_pixels=8_000_000,
+        failed_logins_per_minute=1000,  # the token tests send many wrong tokens; the limit has its own test
     )
     yield from start(settings, archive)

@@ -56,6 +56,7 @@ def check_search_answer(body: dict) -> None:
 # -- the token ----------------------------------------------------------------------------------------------
 
 V1_CALLS = [
+    ("GET", "/v1/me"),
     ("POST", "/v1/search"),
     ("GET", "/v1/images/1/similar"),
     ("GET", "/v1/images/1"),
@@ -120,9 +121,10 @@ def test_health_and_page_need_no_token(service):
 def test_without_a_token_the_server_refuses_to_leave_loopback(tmp_path, index_parts):
     _, model, db = index_parts
     with pytest.raises(ServiceConfigError, match="refusing to listen on 0.0.0.0"):
-        ServiceSettings(db=db, model=model, host="0.0.0.0").check_binding()
-    ServiceSettings(db=db, model=model, host="127.0.0.1").check_binding()
-    ServiceSettings(db=db, model=model, host="0.0.0.0", token=TOKEN).check_binding()
+        ServiceSettings(db=db, model=model, host="0.0.0.0").check_binding(has_users=False)
+    ServiceSettings(db=db, model=model, host="127.0.0.1").check_binding(has_users=False)
+    ServiceSettings(db=db, model=model, host="0.0.0.0", token=TOKEN).check_binding(has_users=False)
+    ServiceSettings(db=db, model=model, host="0.0.0.0").check_binding(has_users=True)
     result = CliRunner().invoke(
         cli, ["serve", "--db", str(db), "--model", str(model), "--host", "0.0.0.0"], env={"CBMIR_TOKEN": ""}
     )

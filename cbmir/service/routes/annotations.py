@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
 from cbmir.index import QueryError
-from cbmir.service.dependencies import CatalogDep
+from cbmir.service.dependencies import AuditDep, CatalogDep
 from cbmir.service.errors import UPLOAD_ERRORS, V1_ERRORS
 from cbmir.service.routes.images import BATCH_SEMANTICS, ingest_batch
 from cbmir.service.schemas import BatchOut
@@ -30,15 +30,17 @@ MAX_EXPORT_IDS = 10_000
 )
 def annotate(
     catalog: CatalogDep,
+    audit: AuditDep,
     files: Annotated[list[UploadFile], File(min_length=1)],
     dataset: Annotated[str, Form(min_length=1, max_length=100)] = "annotation",
 ) -> BatchOut:
-    return ingest_batch(catalog, files, dataset, None)
+    return ingest_batch(catalog, audit, files, dataset, None)
 
 
 @router.get("/annotations", summary="Proposals and accepted codes of images, as CSV or JSON")
 def export(
     catalog: CatalogDep,
+    audit: AuditDep,
     ids: Annotated[str, Query(description="comma-separated image ids")],
     format: Annotated[Literal["csv", "json"], Query()] = "csv",
 ) -> Response:
@@ -49,7 +51,9 @@ def export(
     if not wanted or len(wanted) > MAX_EXPORT_IDS:
         raise QueryError(f"ids: give from 1 to {MAX_EXPORT_IDS} image ids")
     records = []
-    for row in catalog.engine.get(wanted):
+    rows = catalog.engine.get(wanted)
+    audit.saw([row.id for row in rows], results=True)
+    for row in rows:
         status = "pending" if row.true_code is None else "accepted" if row.true_code == row.predicted else "corrected"
         records.append(
             {

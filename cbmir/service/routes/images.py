@@ -10,8 +10,9 @@ from fastapi.responses import FileResponse
 from cbmir.imaging.io import ImageReadError
 from cbmir.imaging.preprocess import PreprocessingError
 from cbmir.service import views
+from cbmir.service.access import AuditNote
 from cbmir.service.catalog import BatchRefusedError, Catalog, upload_name
-from cbmir.service.dependencies import CatalogDep
+from cbmir.service.dependencies import AuditDep, CatalogDep
 from cbmir.service.errors import BY_ID_ERRORS, UPLOAD_ERRORS, V1_ERRORS, documented
 from cbmir.service.schemas import BatchOut, CodeIn, FailedOut, ImageDetailOut, ProposalOut
 
@@ -27,14 +28,16 @@ BATCH_SEMANTICS = (
 @router.get(
     "/images/{image_id}", response_model=ImageDetailOut, summary="An indexed image's metadata", responses=BY_ID_ERRORS
 )
-def image(catalog: CatalogDep, image_id: int) -> ImageDetailOut:
+def image(catalog: CatalogDep, audit: AuditDep, image_id: int) -> ImageDetailOut:
+    audit.saw([image_id])
     return views.image_detail(catalog, catalog.row(image_id))
 
 
 @router.get(
     "/images/{image_id}/thumbnail", response_class=FileResponse, summary="A PNG thumbnail", responses=BY_ID_ERRORS
 )
-def thumbnail(catalog: CatalogDep, image_id: int) -> FileResponse:
+def thumbnail(catalog: CatalogDep, audit: AuditDep, image_id: int) -> FileResponse:
+    audit.saw([image_id])
     return FileResponse(
         catalog.thumbnail(image_id), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
     )
@@ -46,7 +49,8 @@ def thumbnail(catalog: CatalogDep, image_id: int) -> FileResponse:
     summary="The original file (only when the server allows originals)",
     responses={**BY_ID_ERRORS, **documented(403)},
 )
-def original(catalog: CatalogDep, image_id: int) -> FileResponse:
+def original(catalog: CatalogDep, audit: AuditDep, image_id: int) -> FileResponse:
+    audit.saw([image_id])
     path = catalog.original(image_id)
     return FileResponse(path, filename=path.name, headers={"Cache-Control": "private, no-store"})
 
@@ -60,16 +64,18 @@ def original(catalog: CatalogDep, image_id: int) -> FileResponse:
 )
 def add_images(
     catalog: CatalogDep,
+    audit: AuditDep,
     files: Annotated[list[UploadFile], File(min_length=1)],
     code: Annotated[str | None, Form()] = None,
     dataset: DatasetName = "uploads",
 ) -> BatchOut:
-    return ingest_batch(catalog, files, dataset, catalog.check_code(code) if code else None)
+    return ingest_batch(catalog, audit, files, dataset, catalog.check_code(code) if code else None)
 
 
 @router.delete("/images/{image_id}", summary="Remove an image for good", responses=BY_ID_ERRORS)
-def remove_image(catalog: CatalogDep, image_id: int) -> dict[str, int]:
+def remove_image(catalog: CatalogDep, audit: AuditDep, image_id: int) -> dict[str, int]:
     catalog.remove(image_id)
+    audit.saw([image_id])
     return {"removed": image_id}
 
 
@@ -79,12 +85,16 @@ def remove_image(catalog: CatalogDep, image_id: int) -> dict[str, int]:
     summary="Accept or correct a proposal: store the true code",
     responses={**BY_ID_ERRORS, **documented(411, 413)},
 )
-def set_code(catalog: CatalogDep, image_id: int, body: CodeIn) -> ImageDetailOut:
+def set_code(catalog: CatalogDep, audit: AuditDep, image_id: int, body: CodeIn) -> ImageDetailOut:
+    previous = catalog.row(image_id).true_code
     catalog.set_true_code(image_id, body.code)
+    audit.saw([image_id], code=catalog.row(image_id).true_code, previous=previous)
     return views.image_detail(catalog, catalog.row(image_id))
 
 
-def ingest_batch(catalog: Catalog, files: list[UploadFile], dataset: str, true_code: str | None) -> BatchOut:
+def ingest_batch(
+    catalog: Catalog, audit: AuditNote, files: list[UploadFile], dataset: str, true_code: str | None
+) -> BatchOut:
     """Index each readable file; one that cannot be read or used is listed under `failed` with the reason
     (see `BATCH_SEMANTICS`); a `BatchRefusedError` when none could be added."""
     items, failed = [], []
@@ -109,6 +119,7 @@ def ingest_batch(catalog: Catalog, files: list[UploadFile], dataset: str, true_c
                 words=catalog.words(row.predicted),
             )
         )
+    audit.saw([item.id for item in items], results=True, dataset=dataset, refused=len(failed) or None)
     if failed and not items:
         raise BatchRefusedError("no file was added: " + "; ".join(failure.error for failure in failed))
     return BatchOut(items=items, failed=failed)

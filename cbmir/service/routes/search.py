@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from cbmir.imaging.preprocess import PreprocessingError
 from cbmir.service import views
 from cbmir.service.catalog import upload_name
-from cbmir.service.dependencies import CatalogDep, FormFilters, QueryFilters
+from cbmir.service.dependencies import AuditDep, CatalogDep, FormFilters, QueryFilters
 from cbmir.service.errors import BY_ID_ERRORS, UPLOAD_ERRORS, V1_ERRORS
 from cbmir.service.schemas import QueryOut, SearchOut
 
@@ -20,6 +20,7 @@ MAX_RESULTS = 200
 @router.post("/search", response_model=SearchOut, summary="Search by an uploaded radiograph", responses=UPLOAD_ERRORS)
 def search_upload(
     catalog: CatalogDep,
+    audit: AuditDep,
     file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF, BMP or DICOM")],
     filters: FormFilters,
     k: Annotated[int, Form(ge=1, le=MAX_RESULTS)] = 10,
@@ -31,6 +32,7 @@ def search_upload(
     except PreprocessingError as error:  # an image the model cannot take: say which upload
         raise PreprocessingError(f"{name}: {error}") from None
     height, width = radiograph.pixels.shape[:2]
+    audit.saw([hit.id for hit in result.hits], results=True, k=k, filters=filters.model_dump(exclude_none=True) or None)
     return SearchOut(
         query=QueryOut(name=name, width=width, height=height),
         prediction=views.prediction(catalog, result.prediction),
@@ -42,10 +44,16 @@ def search_upload(
     "/images/{image_id}/similar", response_model=SearchOut, summary="Search by an indexed image", responses=BY_ID_ERRORS
 )
 def search_by_id(
-    catalog: CatalogDep, image_id: int, filters: QueryFilters, k: Annotated[int, Query(ge=1, le=MAX_RESULTS)] = 10
+    catalog: CatalogDep,
+    audit: AuditDep,
+    image_id: int,
+    filters: QueryFilters,
+    k: Annotated[int, Query(ge=1, le=MAX_RESULTS)] = 10,
 ) -> SearchOut:
     row = catalog.row(image_id)
     hits = catalog.engine.search_by_id(image_id, k, filters.filters())
+    audit.saw([image_id])
+    audit.saw([hit.id for hit in hits], results=True, k=k, filters=filters.model_dump(exclude_none=True) or None)
     return SearchOut(
         query=QueryOut(id=image_id, name=catalog.name(row), width=row.width, height=row.height),
         prediction=None,

@@ -9,15 +9,15 @@ from fastapi import APIRouter
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from cbmir.service.dependencies import CatalogDep, SettingsDep
+from cbmir.service.dependencies import CatalogDep, GateDep
 
 router = APIRouter()
 STATIC = Path(__file__).resolve().parents[1] / "static"
 
 
 @router.get("/health", summary="Liveness (no token needed)")
-def health(settings: SettingsDep) -> dict[str, Any]:
-    return {"status": "ok", "auth_required": settings.token is not None}
+def health(gate: GateDep) -> dict[str, Any]:
+    return {"status": "ok", "auth_required": gate.auth_required()}
 
 
 @router.get("/ready", summary="Readiness: model and index loaded and answering (no token needed)")
