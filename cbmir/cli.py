@@ -498,6 +498,9 @@ def serve(
     batch_wait_ms: Annotated[
         float | None, typer.Option(min=0, max=1000, help="Longest wait for more searches before a model run (0 ms).")
     ] = None,
+    max_decoding: Annotated[
+        int | None, typer.Option(min=1, help="Most images decoded at once; more wait for a turn (2).")
+    ] = None,
 ) -> None:
     """Start the query service: the HTTP API (/v1, docs at /docs) and the web page (/). Every option can also
     be set as an environment variable CBMIR_<SETTING> (CBMIR_TOKEN, CBMIR_MAX_PIXELS, ...)."""
@@ -520,6 +523,7 @@ def serve(
         runtime=runtime.value if runtime is not None else None,
         max_batch=max_batch,
         batch_wait_ms=batch_wait_ms,
+        max_decoding=max_decoding,
     )
     _run_service(settings)
 

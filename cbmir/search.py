@@ -91,8 +91,12 @@ class Retrieval:
     def search_image(self, pixels: np.ndarray, k: int = 10, filters: Filters | None = None) -> SearchResult:
         """The prediction for a grey radiograph (2-D array) and the k most similar indexed images passing
         `filters`. A bad k is refused before the model runs."""
+        return self.search_input(self.embedder.prepare(pixels), k, filters)
+
+    def search_input(self, model_input: np.ndarray, k: int = 10, filters: Filters | None = None) -> SearchResult:
+        """`search_image` for a radiograph already prepared for the model (`Embedder.prepare`)."""
         check_k(k)
-        embeddings = self.embedder.embed([pixels])
+        embeddings = self.embedder.embed_inputs([model_input])
         return SearchResult(embeddings.predictions[0], self.engine.search(embeddings.vectors[0], k, filters))
 
     def store(self, images: Sequence[PreparedImage]) -> Stored:

@@ -66,6 +66,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         retrieval,
         tables,
         max_pixels=settings.max_pixels,
+        max_decoding=settings.max_decoding,
         dicom_tags=settings.dicom_tags,
         allow_originals=settings.allow_originals,
     )

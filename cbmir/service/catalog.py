@@ -2,8 +2,17 @@
 thumbnails, originals), searching by an upload, adding uploads, removing images and recording true codes.
 
 It raises domain errors (`UnknownImageError`, `InvalidCodeError`, `OriginalUnavailableError`,
-`OriginalsDisabledError`, and the reader's `ImageReadError`s for bad uploads) and knows nothing of HTTP:
-`cbmir.service.errors` maps them to responses.
+`OriginalsDisabledError`, and the reader's `ImageReadError`s and `PreprocessingError`s for bad uploads) and
+knows nothing of HTTP: `cbmir.service.errors` maps them to responses.
+
+Requests race removals, and each sees one state of the index: a search's hits come from one engine call
+(vectors and rows under the engine's lock), a thumbnail is answered with its bytes and an original with a
+file opened while its image was still indexed, so a removal after that cannot break an answer; an image
+removed meanwhile is an `UnknownImageError` (or, its file gone, an `OriginalUnavailableError`), and no
+thumbnail outlives its image. At most `max_decoding` images are decoded at once (uploads read and prepared
+for the model, thumbnails made; the others wait for a slot): decoding takes memory in proportion to an
+image's pixels, so the service's memory is bounded however many uploads arrive together. The pixels never
+outlive the slot (`Decoded` holds what does), so a request waiting for the model holds only its model input.
 
 Uploads are kept under ``uploads/`` in the index folder (named by content hash), so that thumbnails and
 originals work for them as for indexed files. An uploaded file is written before its row is added and
@@ -16,9 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -26,14 +37,14 @@ import numpy as np
 from cbmir.datasets import read_pixels
 from cbmir.errors import CbmirError
 from cbmir.files import remove_temporaries, write_atomically
-from cbmir.imaging.io import Radiograph, read_image
+from cbmir.imaging.io import ImageMeta, Radiograph, read_image
 from cbmir.imaging.listing import IMAGE_SUFFIXES
-from cbmir.imaging.preprocess import to_uint8, to_uint16
-from cbmir.index import DuplicateImageError, ImageRow
+from cbmir.imaging.preprocess import PreprocessingError, to_uint8, to_uint16
+from cbmir.index import DuplicateImageError, Filters, Hit, ImageRow, UnknownImageError
 from cbmir.irma import AXES, AXIS_LENGTHS, CodeTables, IrmaCode, IrmaCodeError, short_text, significant
 from cbmir.labels import Prediction
 from cbmir.locations import Location
-from cbmir.search import PreparedImage, Retrieval
+from cbmir.search import PreparedImage, Retrieval, SearchResult
 from indexer.pipeline import dicom_tags
 
 UPLOADS, THUMBNAILS = "uploads", "thumbnails"
@@ -66,6 +77,18 @@ class CodeCount:
     text: str | None
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """What outlives the decoding of an upload: its model input, size and metadata, and for a DICOM file to
+    be stored its pixels as a 16-bit PNG (what is kept instead of the file). Never the pixels themselves."""
+
+    model_input: np.ndarray
+    width: int
+    height: int
+    meta: ImageMeta
+    dicom_png: bytes | None = None
+
+
 def upload_name(filename: str | None) -> str:
     """The file name a client gave, reduced to its last part (it names the file in messages, never a path)."""
     name = re.split(r"[\\/]", filename or "")[-1].strip()
@@ -81,12 +104,14 @@ class Catalog:
         tables: CodeTables | None,
         *,
         max_pixels: int,
+        max_decoding: int,
         dicom_tags: tuple[str, ...] = (),
         allow_originals: bool = False,
     ):
         self.retrieval, self.engine, self.tables = retrieval, retrieval.engine, tables
         self.max_pixels, self.dicom_tags, self.allow_originals = max_pixels, dicom_tags, allow_originals
         self.schema = retrieval.embedder.schema
+        self._decoding = threading.BoundedSemaphore(max_decoding)
         for name in (UPLOADS, THUMBNAILS):
             (self.engine.folder / name).mkdir(exist_ok=True)
         self._remove_leftovers()
@@ -155,34 +180,81 @@ class Catalog:
         except (CbmirError, OSError, ValueError) as error:
             raise OriginalUnavailableError(f"the original of this image cannot be read any more ({error})") from None
 
-    def thumbnail(self, image_id: int) -> Path:
+    def thumbnail(self, image_id: int) -> bytes:
         """A PNG of at most THUMBNAIL_SIDE pixels a side, made on first request and kept."""
         row = self.row(image_id)  # a removed image has no thumbnail, even if its file were left behind
         path = self.engine.folder / THUMBNAILS / f"{image_id}.png"
-        if not path.exists():
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            pass
+        with self._decoding:
             pixels = to_uint8(self.source_pixels(row))
             scale = THUMBNAIL_SIDE / max(pixels.shape)
             if scale < 1:
                 size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
                 pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
-            _, encoded = cv2.imencode(".png", pixels)
-            write_atomically(path, encoded.tobytes())
-        return path
+            encoded = cv2.imencode(".png", pixels)[1].tobytes()
+        write_atomically(path, encoded)
+        try:  # `remove` deletes the row, then this file: one of the two sees the other
+            self.row(image_id)
+        except UnknownImageError:
+            path.unlink(missing_ok=True)
+            raise
+        return encoded
 
-    def original(self, image_id: int) -> Path:
-        """The original file of an image, when this server serves originals and the file is still there."""
+    def original(self, image_id: int) -> tuple[str, BinaryIO]:
+        """The name and the open original file of an image, when this server serves originals and the file is
+        still there. Opened here, while the image is indexed: an open file stays readable when its image is
+        removed and the file deleted before it has been sent."""
         if not self.allow_originals:
             raise OriginalsDisabledError(
                 "this server serves thumbnails only (start it with --allow-originals to serve originals)"
             )
         location = Location.parse(self.row(image_id).location)
-        if not location.is_file or not location.path.is_file():
-            raise OriginalUnavailableError(f"the original file of image {image_id} is not available")
-        return location.path
+        unavailable = OriginalUnavailableError(f"the original file of image {image_id} is not available")
+        if not location.is_file:
+            raise unavailable
+        try:
+            return location.path.name, location.path.open("rb")
+        except OSError:
+            raise unavailable from None
 
     def read_upload(self, name: str, data: bytes) -> Radiograph:
-        """The radiograph in an uploaded file; an `ImageReadError` says why not."""
+        """The radiograph in an uploaded file; an `ImageReadError` says why not. Only `decode` calls it."""
         return read_image(data, name=name, max_pixels=self.max_pixels)
+
+    def decode(self, name: str, data: bytes, *, storing: bool = False) -> Decoded:
+        """An uploaded file read and prepared for the model in one of the `max_decoding` slots (waiting for
+        one while all are taken; released on any error). An `ImageReadError` or a `PreprocessingError`
+        naming the file says why it cannot be used. `storing`: also make what is stored of a DICOM file."""
+        with self._decoding:
+            radiograph = self.read_upload(name, data)
+            try:
+                model_input = self.retrieval.embedder.prepare(radiograph.pixels)
+            except PreprocessingError as error:
+                raise PreprocessingError(f"{name}: {error}") from None
+            dicom = storing and radiograph.meta.source_format == "dicom"
+            return Decoded(
+                model_input,
+                width=int(radiograph.pixels.shape[1]),
+                height=int(radiograph.pixels.shape[0]),
+                meta=radiograph.meta,
+                dicom_png=cv2.imencode(".png", to_uint16(radiograph.pixels))[1].tobytes() if dicom else None,
+            )
+
+    # -- searching --------------------------------------------------------------------------------------
+
+    def search_upload(self, name: str, data: bytes, k: int, filters: Filters) -> tuple[Decoded, SearchResult]:
+        """An uploaded radiograph as decoded, and its prediction and k nearest images."""
+        decoded = self.decode(name, data)
+        return decoded, self.retrieval.search_input(decoded.model_input, k, filters)
+
+    def similar(self, image_id: int, k: int, filters: Filters) -> tuple[ImageRow, list[Hit]]:
+        """An indexed image's row and the k images most like it (itself first when it passes `filters`)."""
+        hits = self.engine.search_by_id(image_id, k, filters)
+        own = hits[0] if hits and hits[0].id == image_id else self.row(image_id)
+        return own, hits
 
     # -- adding and changing ----------------------------------------------------------------------------
 
@@ -193,21 +265,21 @@ class Catalog:
         existing = self.engine.id_for_hash(content_hash)
         if existing is not None:
             return existing, None
-        radiograph = self.read_upload(name, data)
-        if radiograph.meta.source_format == "dicom":
-            suffix, kept = ".png", cv2.imencode(".png", to_uint16(radiograph.pixels))[1].tobytes()
+        decoded = self.decode(name, data, storing=True)
+        if decoded.dicom_png is not None:
+            suffix, kept = ".png", decoded.dicom_png
         else:
             suffix, kept = Path(name).suffix.lower(), data
         stored = self.engine.folder / UPLOADS / (content_hash + (suffix if suffix in IMAGE_SUFFIXES else ""))
         image = PreparedImage(
             location=Location(stored.absolute()),
             content_hash=content_hash,
-            model_input=self.retrieval.embedder.prepare(radiograph.pixels),
-            width=int(radiograph.pixels.shape[1]),
-            height=int(radiograph.pixels.shape[0]),
+            model_input=decoded.model_input,
+            width=decoded.width,
+            height=decoded.height,
             dataset=dataset,
             labels=(true_code,) if true_code else (),
-            extra={**dicom_tags(radiograph.meta.dicom, self.dicom_tags), UPLOAD_NAME: name},
+            extra={**dicom_tags(decoded.meta.dicom, self.dicom_tags), UPLOAD_NAME: name},
         )
         write_atomically(stored, kept)
         try:

@@ -10,6 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
+from starlette.staticfiles import StaticFiles
 
 from cbmir.errors import CbmirError
 from cbmir.imaging.io import ImageReadError, ImageTooLargeError, NotAnImageError
@@ -33,13 +35,17 @@ STATUS_OF: tuple[tuple[type[CbmirError], int], ...] = (
 
 
 ERROR_MEANINGS = {
+    400: "the request body cannot be parsed (a malformed multipart form or JSON)",
     401: "no valid bearer token",
-    403: "not allowed by this server's settings",
+    403: "not allowed to the caller's role, or by this server's settings (originals)",
     404: "no such image, or its original is gone",
+    408: "the request body stopped arriving",
     411: "the request gives no Content-Length",
     413: "the request body or the image is above the server's limit",
     415: "the upload is not an image format cbmir reads",
     422: "a malformed field, filter, code or image (the message names it)",
+    429: "too many wrong tokens from this client: try again after Retry-After seconds",
+    503: "the audit trail cannot be written, so nothing is answered",
 }
 
 
@@ -48,9 +54,11 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorOut, "description": ERROR_MEANINGS[status]} for status in statuses}
 
 
-# Every /v1 route: the token, and the validation of what it was given.
-V1_ERRORS = documented(401, 422)
-UPLOAD_ERRORS = documented(411, 413, 415)
+# Every /v1 route: the caller (token, role, wrong tokens), the validation of what it was given, the audit.
+V1_ERRORS = documented(401, 403, 422, 429, 503)
+# Every route with a body: it may not parse, stop arriving, or come without or above its length.
+BODY_ERRORS = documented(400, 408, 411, 413)
+UPLOAD_ERRORS = {**BODY_ERRORS, **documented(415)}
 BY_ID_ERRORS = documented(404)
 
 
@@ -62,6 +70,26 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> str:
+    """The `Allow` header of a 405: every method served at the request's path, found by asking each route
+    whether it would take the request with that method. Starlette's own names only the methods of the
+    first route that matches the path (GET of /v1/images/{image_id}, not its DELETE), and that of its static
+    files none."""
+    # The request as it came in: a mount has moved its own path into the scope's root_path.
+    scope = {**request.scope, "root_path": request.scope.get("app_root_path", request.scope.get("root_path", ""))}
+    allowed: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Mount):  # static files: their path matches any method, and they serve GET and HEAD
+            if isinstance(route.app, StaticFiles) and route.matches(scope)[0] is not Match.NONE:
+                allowed |= {"GET", "HEAD"}
+            continue
+        allowed.update(method for method in HTTP_METHODS if route.matches({**scope, "method": method})[0] is Match.FULL)
+    return ", ".join(sorted(allowed))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CbmirError)
     async def domain_error(request: Request, error: CbmirError) -> JSONResponse:
@@ -69,7 +97,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return error_response(error.status_code, str(error.detail), getattr(error, "headers", None))
+        message, headers = str(error.detail), getattr(error, "headers", None)
+        if error.status_code == 405:
+            allowed = allowed_methods(request)
+            message = f"{request.method} is not allowed at {request.url.path}, only {allowed}"
+            headers = {**(headers or {}), "Allow": allowed}
+        return error_response(error.status_code, message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

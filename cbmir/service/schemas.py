@@ -2,34 +2,112 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from cbmir.index import CodeSource, Filters
+from cbmir.index.filters import AXIS_FILTERS
+from cbmir.irma import AXES, AXIS_LENGTHS
+
+
+def explained(what: str) -> WrapValidator:
+    """A validator that refuses a value not of its field's form saying what the field takes: pydantic's own
+    message would only quote the pattern."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as error:
+            raise PydanticCustomError(
+                "form", "expected {what}, got {given}", {"what": what, "given": repr(value)[:80]}
+            ) from error
+
+    return WrapValidator(check)
+
+
+# The filters' forms, as patterns that the schema shows and pydantic enforces, so that the schema says exactly
+# what the server takes (the domain's own checks, `cbmir.index.Filters`, take a little more: blanks around a
+# value, non-ASCII letters that lower-case to a-z). Each also matches the empty value, which means "any".
+POSITION = "[0-9A-Za-z]"
+MAX_NAME = 255  # a dataset is named after its archive's folder (a file name) or an upload's dataset field
+
+
+def _prefix_form(field: str, example: str = "") -> str:
+    axis = AXIS_FILTERS[field]
+    return f"an IRMA {axis} prefix: 1 to {AXIS_LENGTHS[axis]} digits or letters{example}"
+
+
+TECHNICAL = _prefix_form("technical")
+DIRECTIONAL = _prefix_form("directional")
+ANATOMY = _prefix_form("anatomy", ", e.g. 9 (any leg region)")
+BIOLOGY = _prefix_form("biology", ", e.g. 7 (musculoskeletal)")
+CODE = "a full IRMA code: TTTT-DDD-AAA-BBB or its 13 characters without dashes, an axis may end in '*' (not known)"
+
+
+def _prefix(field: str, what: str) -> Any:
+    length = AXIS_LENGTHS[AXIS_FILTERS[field]]
+    return Field(default=None, max_length=length, pattern=f"^{POSITION}{{0,{length}}}$", description=what)
+
+
+def _axis(length: int) -> str:
+    """One axis of a full code: its positions, of which a tail may be '*' (not known)."""
+    known = [f"{POSITION}{{{count}}}" + r"\*" * (length - count) for count in range(length, 0, -1)]
+    return "(?:" + "|".join([*known, r"\*" * length]) + ")"
+
+
+def _code() -> str:
+    """A full code: its four axes, with dashes between them or without."""
+    axes = [_axis(AXIS_LENGTHS[axis]) for axis in AXES]
+    return f"^(?:{'-'.join(axes)}|{''.join(axes)})?$"
 
 
 class FilterParams(BaseModel):
     """The search filters, as form fields of an upload search or query parameters of a search by id. An
-    empty value means "any"."""
+    empty value means "any", and so does a blank dataset or label."""
 
-    anatomy: str | None = Field(default=None, description="IRMA anatomical prefix, e.g. 9 (any leg region)")
-    biology: str | None = Field(default=None, description="IRMA biological prefix, e.g. 7 (musculoskeletal)")
-    technical: str | None = Field(default=None, description="IRMA technical prefix")
-    directional: str | None = Field(default=None, description="IRMA directional prefix")
-    code: str | None = Field(default=None, description="a full IRMA code")
+    anatomy: Annotated[str | None, explained(ANATOMY)] = _prefix("anatomy", ANATOMY)
+    biology: Annotated[str | None, explained(BIOLOGY)] = _prefix("biology", BIOLOGY)
+    technical: Annotated[str | None, explained(TECHNICAL)] = _prefix("technical", TECHNICAL)
+    directional: Annotated[str | None, explained(DIRECTIONAL)] = _prefix("directional", DIRECTIONAL)
+    code: Annotated[str | None, explained(CODE)] = Field(
+        default=None, max_length=len("TTTT-DDD-AAA-BBB"), pattern=_code(), description=CODE
+    )
     on: CodeSource = Field(default="best", description="filter on the best (true where known), true or predicted code")
-    dataset: str | None = Field(default=None, description="only images of this dataset")
-    label: str | None = Field(default=None, description="only images with this label or finding")
+    dataset: str | None = Field(default=None, max_length=MAX_NAME, description="only images of this dataset")
+    label: str | None = Field(default=None, max_length=MAX_NAME, description="only images with this label or finding")
 
-    @field_validator("anatomy", "biology", "technical", "directional", "code", "dataset", "label", mode="before")
+    @field_validator("anatomy", "biology", "technical", "directional", "code", mode="before")
     @classmethod
     def _empty_is_any(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("dataset", "label", mode="before")
+    @classmethod
+    def _blank_is_any(cls, value: Any) -> Any:
+        """Free text, so a blank value means any, as an empty one does."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     def filters(self) -> Filters:
-        """The engine's filters (a `QueryError` names a malformed prefix or code)."""
+        """The engine's filters (which take every value the fields' patterns allow)."""
         return Filters(**self.model_dump())
+
+
+# Image ids in a query parameter: digits, comma-separated; at most 10,000 characters (about 1,400 ids),
+# which keeps the request line within what the server reads (uvicorn's h11 reads a head of up to 16 KiB).
+IMAGE_IDS = "comma-separated image ids, e.g. 3,14,15"
+ImageIds = Annotated[
+    str, StringConstraints(pattern=r"^[0-9]{1,19}(?:,[0-9]{1,19})*$", max_length=10_000), explained(IMAGE_IDS)
+]
 
 
 class AxisOut(BaseModel):
@@ -117,6 +195,18 @@ class FailedOut(BaseModel):
 class BatchOut(BaseModel):
     items: list[ProposalOut]
     failed: list[FailedOut]
+
+
+class AnnotationOut(BaseModel):
+    """An image in an export of annotations: a row of the CSV, an item of the JSON list."""
+
+    id: int
+    name: str
+    proposed: str | None
+    confidence: float | None
+    true_code: str | None
+    status: Literal["pending", "accepted", "corrected"]
+    words: str | None
 
 
 class CodeIn(BaseModel):

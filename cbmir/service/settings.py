@@ -28,6 +28,8 @@ class ServiceSettings(Settings):
     top of the technical ones; never set it to patient-identifying tags unless the index may hold them.
     `max_batch` and `batch_wait_ms`: concurrent searches are joined into one model run of up to `max_batch`
     images, which waits up to `batch_wait_ms` for more searches before it starts (see `cbmir.embed`).
+    `max_decoding`: the most images decoded at once (uploads, thumbnails); more wait for a turn, so memory
+    stays bounded however many large uploads arrive together (see `cbmir.service.catalog`).
     `failed_logins_per_minute`: wrong tokens a client may send in a minute before it is answered 429.
     Each is also read from ``CBMIR_<NAME>`` (``CBMIR_TOKEN``...)."""
 
@@ -43,6 +45,7 @@ class ServiceSettings(Settings):
     dicom_tags: tuple[str, ...] = ()
     max_batch: int = Field(default=16, ge=1, le=256)
     batch_wait_ms: float = Field(default=0.0, ge=0, le=1000)
+    max_decoding: int = Field(default=2, ge=1)
     failed_logins_per_minute: int = Field(default=10, ge=1)
 
     @model_validator(mode="after")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -172,6 +173,41 @@ def test_anatomy_filter_returns_only_matching_codes(service):
         assert bad.status_code == 422 and "anatomy" in bad.json()["error"]
 
 
+FILTER_VALUES = [
+    ("anatomy", "9", True),
+    ("anatomy", "", True),  # empty: any
+    ("anatomy", "x!", False),
+    ("anatomy", " 9", False),
+    ("anatomy", "9123", False),
+    ("technical", "1121", True),
+    ("code", "1121-127-700-500", True),
+    ("code", "1121127700500", True),
+    ("code", "1121-12*-***-***", True),
+    ("code", "1121-1*2-700-500", False),
+    ("code", "1121-127-700", False),
+    ("dataset", "   ", True),  # blank free text: any
+    ("dataset", "x" * 256, False),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "valid"), FILTER_VALUES)
+def test_the_schema_states_the_filters_the_server_takes(service, field, value, valid):
+    """Issue 12, defect 13: the filters had no patterns in the schema, so it allowed values the server refused.
+    Now the server checks the schema's own patterns, and a value outside them is a 422 that names the field and
+    says what it takes."""
+    with service.client() as client:
+        spec = client.get("/openapi.json").json()
+        answer = client.get("/v1/images/2/similar", params={field: value})
+    [parameter] = [p for p in spec["paths"]["/v1/images/{image_id}/similar"]["get"]["parameters"] if p["name"] == field]
+    form = parameter["schema"]["anyOf"][0]
+    assert (len(value) <= form["maxLength"] and re.search(form.get("pattern", ""), value) is not None) == valid
+    assert answer.status_code == (200 if valid else 422), answer.text
+    if not valid:
+        assert answer.json()["error"].startswith(f"{field}: ")
+        if "pattern" in form:
+            assert answer.json()["error"] == f"{field}: expected {parameter['description']}, got {value!r}"
+
+
 def test_search_by_id_and_image_metadata(service):
     with service.client() as client:
         body = client.get("/v1/images/2/similar", params={"k": 4, "biology": "7"}).json()
@@ -198,6 +234,28 @@ def test_ids_never_reach_the_filesystem(service, path):
     response = service.client().get(path)
     assert response.status_code in (404, 422)
     assert "root:" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PATCH", "/v1/images/1", "DELETE, GET"),
+        ("POST", "/v1/images/1", "DELETE, GET"),
+        ("GET", "/v1/images/1/code", "PUT"),
+        ("DELETE", "/v1/images", "POST"),
+        ("PUT", "/v1/stats", "GET"),
+        ("POST", "/static/app.js", "GET, HEAD"),
+    ],
+)
+def test_a_405_allows_every_method_the_path_serves(service, method, path, allowed):
+    """Issue 12, defect 13: PATCH /v1/images/1 answered `Allow: GET`, though DELETE is served there too
+    (Starlette names the methods of the first route that matches the path), and static files none."""
+    with service.client() as client:
+        response = client.request(method, path, content=b"" if method in ("POST", "PUT", "PATCH") else None)
+        assert response.status_code == 405, response.text
+        assert response.headers["allow"] == allowed
+        assert response.json()["error"] == f"{method} is not allowed at {path}, only {allowed}"
+        assert client.get("/v1/images/1").status_code == 200  # and nothing was changed
 
 
 @pytest.mark.parametrize("k", ["0", "201", "ten"])
@@ -410,8 +468,8 @@ def test_a_batch_adds_per_file_and_a_batch_of_refused_files_is_422(service):
 
 
 def test_the_schema_documents_each_routes_error_answers(service):
-    """Issue 12, defect 13 (in part): error answers were missing from the OpenAPI schema, and `files` allowed
-    an empty list."""
+    """Issue 12, defect 13: error answers were missing from the OpenAPI schema (and a PNG route documented its
+    JSON errors as image/png), and `files` allowed an empty list."""
     with service.client() as client:
         spec = client.get("/openapi.json").json()
         empty = client.post("/v1/images", data={"dataset": "x"})
@@ -422,11 +480,13 @@ def test_the_schema_documents_each_routes_error_answers(service):
             continue
         for method, operation in item.items():
             documented = {code: answer for code, answer in operation["responses"].items() if code != "200"}
-            assert {"401", "422"} <= set(documented), (method, path)
+            assert {"401", "403", "422", "429", "503"} <= set(documented), (method, path)
             if "{image_id}" in path:
                 assert "404" in documented, (method, path)
+            if "requestBody" in operation:
+                assert {"400", "408", "411", "413"} <= set(documented), (method, path)
             if method == "post":
-                assert {"411", "413", "415"} <= set(documented), (method, path)
+                assert "415" in documented, (method, path)
             for code, answer in documented.items():
                 assert answer["content"]["application/json"]["schema"] == error_schema, (method, path, code)
             upload = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")

@@ -5,19 +5,24 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
-from cbmir.index import QueryError
 from cbmir.service.dependencies import AuditDep, CatalogDep
-from cbmir.service.errors import UPLOAD_ERRORS, V1_ERRORS
+from cbmir.service.errors import BY_ID_ERRORS, UPLOAD_ERRORS, V1_ERRORS
 from cbmir.service.routes.images import BATCH_SEMANTICS, ingest_batch
-from cbmir.service.schemas import BatchOut
+from cbmir.service.schemas import IMAGE_IDS, AnnotationOut, BatchOut, ImageIds
 
 router = APIRouter(prefix="/v1", tags=["annotations"], responses=V1_ERRORS)
-MAX_EXPORT_IDS = 10_000
+EXPORTED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": list[AnnotationOut],
+        "description": "the images as CSV (the same fields) or as JSON",
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+    }
+}
 
 
 @router.post(
@@ -37,34 +42,32 @@ def annotate(
     return ingest_batch(catalog, audit, files, dataset, None)
 
 
-@router.get("/annotations", summary="Proposals and accepted codes of images, as CSV or JSON")
+@router.get(
+    "/annotations",
+    summary="Proposals and accepted codes of images, as CSV or JSON",
+    responses={**EXPORTED, **BY_ID_ERRORS},
+)
 def export(
     catalog: CatalogDep,
     audit: AuditDep,
-    ids: Annotated[str, Query(description="comma-separated image ids")],
+    ids: Annotated[ImageIds, Query(description=IMAGE_IDS)],
     format: Annotated[Literal["csv", "json"], Query()] = "csv",
 ) -> Response:
-    try:
-        wanted = [int(part) for part in ids.split(",") if part.strip()]
-    except ValueError:
-        raise QueryError(f"ids: expected comma-separated image ids, got {ids[:80]!r}") from None
-    if not wanted or len(wanted) > MAX_EXPORT_IDS:
-        raise QueryError(f"ids: give from 1 to {MAX_EXPORT_IDS} image ids")
     records = []
-    rows = catalog.engine.get(wanted)
+    rows = catalog.engine.get([int(part) for part in ids.split(",")])
     audit.saw([row.id for row in rows], results=True)
     for row in rows:
         status = "pending" if row.true_code is None else "accepted" if row.true_code == row.predicted else "corrected"
         records.append(
-            {
-                "id": row.id,
-                "name": catalog.name(row),
-                "proposed": row.predicted,
-                "confidence": row.confidence,
-                "true_code": row.true_code,
-                "status": status,
-                "words": catalog.words(row.code),
-            }
+            AnnotationOut(
+                id=row.id,
+                name=catalog.name(row),
+                proposed=row.predicted,
+                confidence=row.confidence,
+                true_code=row.true_code,
+                status=status,
+                words=catalog.words(row.code),
+            ).model_dump()
         )
     disposition = {"Content-Disposition": f"attachment; filename=annotations.{format}"}
     if format == "json":

@@ -1,19 +1,27 @@
-"""Indexed images: metadata, thumbnail, original; adding, removing, and recording a true code."""
+"""Indexed images: metadata, thumbnail, original; adding, removing, and recording a true code.
+
+Thumbnails and originals are never answered from a path, which a removal could delete before the answer is
+sent: a thumbnail is sent from its bytes, an original from a file opened by the route (see `Catalog`)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import mimetypes
+import os
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
+from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import Response, StreamingResponse
 
 from cbmir.imaging.io import ImageReadError
 from cbmir.imaging.preprocess import PreprocessingError
+from cbmir.index import UnknownImageError
 from cbmir.service import views
 from cbmir.service.access import AuditNote
 from cbmir.service.catalog import BatchRefusedError, Catalog, upload_name
 from cbmir.service.dependencies import AuditDep, CatalogDep
-from cbmir.service.errors import BY_ID_ERRORS, UPLOAD_ERRORS, V1_ERRORS, documented
+from cbmir.service.errors import BODY_ERRORS, BY_ID_ERRORS, UPLOAD_ERRORS, V1_ERRORS, documented
 from cbmir.service.schemas import BatchOut, CodeIn, FailedOut, ImageDetailOut, ProposalOut
 
 router = APIRouter(prefix="/v1", tags=["images"], responses=V1_ERRORS)
@@ -23,6 +31,11 @@ BATCH_SEMANTICS = (
     "(`items`) and what was refused with the reason (`failed`). When no file could be added the answer is "
     "422, naming every file and its reason."
 )
+CHUNK_BYTES = 1 << 16
+
+
+class PngResponse(Response):
+    media_type = "image/png"
 
 
 @router.get(
@@ -34,25 +47,43 @@ def image(catalog: CatalogDep, audit: AuditDep, image_id: int) -> ImageDetailOut
 
 
 @router.get(
-    "/images/{image_id}/thumbnail", response_class=FileResponse, summary="A PNG thumbnail", responses=BY_ID_ERRORS
+    "/images/{image_id}/thumbnail",
+    response_class=Response,  # not PngResponse, which would document the JSON error answers as image/png too
+    summary="A PNG thumbnail",
+    responses={200: {"description": "the thumbnail", "content": {"image/png": {}}}, **BY_ID_ERRORS},
 )
-def thumbnail(catalog: CatalogDep, audit: AuditDep, image_id: int) -> FileResponse:
+def thumbnail(catalog: CatalogDep, audit: AuditDep, image_id: int) -> PngResponse:
     audit.saw([image_id])
-    return FileResponse(
-        catalog.thumbnail(image_id), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
-    )
+    return PngResponse(catalog.thumbnail(image_id), headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.get(
     "/images/{image_id}/original",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     summary="The original file (only when the server allows originals)",
     responses={**BY_ID_ERRORS, **documented(403)},
 )
-def original(catalog: CatalogDep, audit: AuditDep, image_id: int) -> FileResponse:
+def original(catalog: CatalogDep, audit: AuditDep, image_id: int) -> StreamingResponse:
     audit.saw([image_id])
-    path = catalog.original(image_id)
-    return FileResponse(path, filename=path.name, headers={"Cache-Control": "private, no-store"})
+    name, file = catalog.original(image_id)
+    quoted = quote(name)  # as Starlette's FileResponse names a download
+    disposition = f"attachment; filename*=utf-8''{quoted}" if quoted != name else f'attachment; filename="{name}"'
+    return StreamingResponse(
+        chunks(file),
+        media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
+        headers={
+            "Content-Disposition": disposition,
+            "Content-Length": str(os.fstat(file.fileno()).st_size),
+            "Cache-Control": "private, no-store",
+        },
+    )
+
+
+def chunks(file: BinaryIO) -> Iterator[bytes]:
+    """An open file's content, closing it at the end."""
+    with file:
+        while chunk := file.read(CHUNK_BYTES):
+            yield chunk
 
 
 @router.post(
@@ -83,7 +114,7 @@ def remove_image(catalog: CatalogDep, audit: AuditDep, image_id: int) -> dict[st
     "/images/{image_id}/code",
     response_model=ImageDetailOut,
     summary="Accept or correct a proposal: store the true code",
-    responses={**BY_ID_ERRORS, **documented(411, 413)},
+    responses={**BY_ID_ERRORS, **BODY_ERRORS},
 )
 def set_code(catalog: CatalogDep, audit: AuditDep, image_id: int, body: CodeIn) -> ImageDetailOut:
     previous = catalog.row(image_id).true_code
@@ -106,7 +137,12 @@ def ingest_batch(
             reason = str(error)
             failed.append(FailedOut(name=name, error=reason if reason.startswith(name) else f"{name}: {reason}"))
             continue
-        row = catalog.row(image_id)
+        audit.saw([image_id], results=True)  # noted at once: the record must hold it whatever comes next
+        try:
+            row = catalog.row(image_id)
+        except UnknownImageError:
+            failed.append(FailedOut(name=name, error=f"{name}: added as image {image_id}, then removed meanwhile"))
+            continue
         items.append(
             ProposalOut(
                 name=name,
@@ -119,7 +155,7 @@ def ingest_batch(
                 words=catalog.words(row.predicted),
             )
         )
-    audit.saw([item.id for item in items], results=True, dataset=dataset, refused=len(failed) or None)
+    audit.saw([], dataset=dataset, refused=len(failed) or None)
     if failed and not items:
         raise BatchRefusedError("no file was added: " + "; ".join(failure.error for failure in failed))
     return BatchOut(items=items, failed=failed)

@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
-from cbmir.imaging.preprocess import PreprocessingError
 from cbmir.service import views
 from cbmir.service.catalog import upload_name
 from cbmir.service.dependencies import AuditDep, CatalogDep, FormFilters, QueryFilters
@@ -26,15 +25,10 @@ def search_upload(
     k: Annotated[int, Form(ge=1, le=MAX_RESULTS)] = 10,
 ) -> SearchOut:
     name = upload_name(file.filename)
-    radiograph = catalog.read_upload(name, file.file.read())
-    try:
-        result = catalog.retrieval.search_image(radiograph.pixels, k, filters.filters())
-    except PreprocessingError as error:  # an image the model cannot take: say which upload
-        raise PreprocessingError(f"{name}: {error}") from None
-    height, width = radiograph.pixels.shape[:2]
+    decoded, result = catalog.search_upload(name, file.file.read(), k, filters.filters())
     audit.saw([hit.id for hit in result.hits], results=True, k=k, filters=filters.model_dump(exclude_none=True) or None)
     return SearchOut(
-        query=QueryOut(name=name, width=width, height=height),
+        query=QueryOut(name=name, width=decoded.width, height=decoded.height),
         prediction=views.prediction(catalog, result.prediction),
         neighbours=views.neighbours(catalog, result.hits),
     )
@@ -50,8 +44,7 @@ def search_by_id(
     filters: QueryFilters,
     k: Annotated[int, Query(ge=1, le=MAX_RESULTS)] = 10,
 ) -> SearchOut:
-    row = catalog.row(image_id)
-    hits = catalog.engine.search_by_id(image_id, k, filters.filters())
+    row, hits = catalog.similar(image_id, k, filters.filters())
     audit.saw([image_id])
     audit.saw([hit.id for hit in hits], results=True, k=k, filters=filters.model_dump(exclude_none=True) or None)
     return SearchOut(
