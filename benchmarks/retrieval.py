@@ -16,6 +16,15 @@ predicted codes (with '*' where it stops) and of the kNN-voted codes. Baselines,
 same gallery: raw-pixel thumbnails (the preprocessed image's original channel at 32x32, each minus its own
 mean) and frozen ImageNet EfficientNet-Lite0 features (the packaged weights, no training). Beside them, as
 a reference for what training adds, the engine's own trunk untrained: regionally pooled frozen Lite0 features.
+
+Refining a search (issue 16), its own section, after the main one or alone with `--only refine` (which takes
+the model an earlier run left in WORK/model, training it only when there is none):
+- by example: a simulated user marks, among the first 10 results of each query, those with the query's full
+  code positive and the others negative; one Rocchio round (`Retrieval.search_vector` with that feedback, the
+  service's default weights) brings 10 new results (the marked left out). P@10 before and after, per axis and
+  full code, and after with the marked kept;
+- by region: each query radiograph pasted off-centre into a black canvas twice its width and height, searched
+  whole and with the region of the original (`Region.crop`); P@1 and P@10 per axis.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -35,11 +45,13 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cbmir.checkpoint import Checkpoint, load_checkpoint
 from cbmir.datasets import load_pixels, open_dataset
 from cbmir.embed import Embedder, batches
 from cbmir.errors import CbmirError
 from cbmir.irma import AXES, CodeTables, IrmaCode, run_error_score
 from cbmir.prepared import prepare_images
+from cbmir.refine import Feedback, Region
 from cbmir.search import Retrieval
 from cbmir.train import make_config, train
 from common import frozen_features, run_and_publish, saved_figure
@@ -155,6 +167,30 @@ def search_engine(gallery: list, queries: list, embedder: Embedder, folder: Path
     return {"neighbours": neighbours, "predicted": predicted, "gallery_labels": stored}
 
 
+def trained(args, dataset, tables: CodeTables | None, *, fresh: bool) -> tuple[Checkpoint, float | None]:
+    """The default CPU model trained on the dataset's training part in WORK/model, and the seconds training
+    took: trained now when `fresh` (the main run times it, from no feature cache) or when WORK/model holds
+    none, else the model an earlier run left there (None seconds)."""
+    folder = args.work / "model"
+    if not fresh and (folder / "split.json").is_file():
+        print(f"reusing the model in {folder}")
+        return load_checkpoint(folder), None
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"training on {dataset.name} ({len(dataset.records)} images, {args.mode} mode)")
+    started = time.time()
+    checkpoint = train(dataset, make_config(mode=args.mode, split=SPLIT, seed=args.seed), folder, tables=tables)
+    return checkpoint, time.time() - started
+
+
+def parts(args, records: list, query_set: list | None) -> tuple[list, list, dict]:
+    """The gallery and the queries (see the module docstring), and the model's split."""
+    split = json.loads((args.work / "model" / "split.json").read_text())
+    if query_set is not None:
+        return records, query_set, split
+    by_id = {record.id: record for record in records}
+    return [by_id[i] for i in split["train"] + split["validation"]], [by_id[i] for i in split["test"]], split
+
+
 def run(args) -> dict:
     tables = CodeTables.load(args.tables) if args.tables else None
     dataset = open_dataset(args.gallery or args.dataset)
@@ -162,18 +198,8 @@ def run(args) -> dict:
     query_dataset = open_dataset(args.queries) if args.queries else None
     query_set = single_labelled(query_dataset) if query_dataset else None
     work = args.work
-    shutil.rmtree(work / "model", ignore_errors=True)  # no feature cache of an earlier run: time it all
-    print(f"training on {dataset.name} ({len(records)} images, {args.mode} mode)")
-    started = time.time()
-    checkpoint = train(dataset, make_config(mode=args.mode, split=SPLIT, seed=args.seed), work / "model", tables=tables)
-    train_seconds = time.time() - started
-    split = json.loads((work / "model" / "split.json").read_text())
-    by_id = {record.id: record for record in records}
-    if query_set is not None:
-        gallery, queries = records, query_set
-    else:
-        gallery = [by_id[i] for i in split["train"] + split["validation"]]
-        queries = [by_id[i] for i in split["test"]]
+    checkpoint, train_seconds = trained(args, dataset, tables, fresh=True)
+    gallery, queries, split = parts(args, records, query_set)
     query_labels = [record.labels[0] for record in queries]
     irma = checkpoint.schema.task == "irma-axes"
 
@@ -345,6 +371,189 @@ def plot(summary: dict, path: Path) -> None:
             axis.legend()
 
 
+# -- refining a search (issue 16) -------------------------------------------------------------------------------
+
+REFINE_GOAL = 0.10  # full-code P@10 gained by one round of refinement by example
+CANVAS = 2  # the region benchmark's canvas: this many times the radiograph's width and height
+BEFORE, NEXT, AFTER, KEPT = "before", "next 10, unrefined", "after (10 new)", "after, marked kept"
+WHOLE, REGION = "whole canvas", "region"
+
+
+def pasted(pixels: np.ndarray) -> tuple[np.ndarray, Region]:
+    """A radiograph pasted into a black canvas CANVAS times its width and height, off-centre (a fifth of the
+    spare width from the left, four fifths of the spare height from the top), and its region there."""
+    height, width = pixels.shape
+    canvas = np.zeros((CANVAS * height, CANVAS * width), pixels.dtype)
+    x, y = (CANVAS - 1) * width // 5, 4 * (CANVAS - 1) * height // 5
+    canvas[y : y + height, x : x + width] = pixels
+    return canvas, Region(x, y, width, height)
+
+
+def run_refine(args) -> dict:
+    """Refinement by example and by region over the main run's gallery, queries and model."""
+    tables = CodeTables.load(args.tables) if args.tables else None
+    dataset = open_dataset(args.gallery or args.dataset)
+    records = single_labelled(dataset)
+    query_dataset = open_dataset(args.queries) if args.queries else None
+    checkpoint, _ = trained(args, dataset, tables, fresh=False)
+    gallery, queries, split = parts(args, records, single_labelled(query_dataset) if query_dataset else None)
+    query_labels = [record.labels[0] for record in queries]
+    rows = report_rows(checkpoint.schema.task == "irma-axes", query_labels)
+    same = next(iter(rows.values()))[0]  # the full code (class datasets: the class)
+    embedder = Embedder(checkpoint)
+    args.work.mkdir(parents=True, exist_ok=True)
+    found: dict[str, list[list[str]]] = {name: [] for name in (BEFORE, NEXT, AFTER, KEPT, WHOLE, REGION)}
+    marked = []
+    with tempfile.TemporaryDirectory(dir=args.work) as folder, Retrieval.open(folder, embedder) as retrieval:
+        print(index_records(gallery, retrieval, dataset=dataset.name).text())
+        stored = [row.true_code for row in retrieval.engine.get(retrieval.engine.query())]
+        print(f"refining {len(queries)} queries by example and by region")
+        started = time.perf_counter()
+        for chunk in batches(queries, 16):
+            pixels = [load_pixels(record) for record in chunk]
+            canvases = [pasted(image) for image in pixels]
+            vectors = {
+                BEFORE: embedder.embed(pixels).vectors,
+                WHOLE: embedder.embed(canvas for canvas, _ in canvases).vectors,
+                REGION: embedder.embed(region.crop(canvas) for canvas, region in canvases).vectors,
+            }
+            for n, record in enumerate(chunk):
+                query = vectors[BEFORE][n]
+                twenty = retrieval.search_vector(query, 20)
+                first = twenty[:10]
+                positive = tuple(hit.id for hit in first if same(hit.true_code) == same(record.labels[0]))
+                feedback = Feedback(positive, tuple(hit.id for hit in first if hit.id not in positive))
+                marked.append((len(feedback.positive), len(feedback.negative)))
+                answers = {
+                    BEFORE: first,
+                    NEXT: twenty[10:],
+                    AFTER: retrieval.search_vector(query, 10, feedback=feedback),
+                    KEPT: retrieval.search_vector(query, 10, feedback=replace(feedback, include_marked=True)),
+                    WHOLE: retrieval.search_vector(vectors[WHOLE][n], 10),
+                    REGION: retrieval.search_vector(vectors[REGION][n], 10),
+                }
+                for name, hits in answers.items():
+                    found[name].append([hit.true_code for hit in hits])
+        seconds = time.perf_counter() - started
+    results = {
+        row: {
+            name: {
+                metric: figures(neighbours, query_labels, stored, view)[metric] for metric in ("P@1", "P@10", "curve")
+            }
+            for name, neighbours in found.items()
+        }
+        for row, (view, _) in rows.items()
+    }
+    counts = np.array(marked)
+    return {
+        "dataset": dataset.name,
+        "queries_dataset": query_dataset.name if query_dataset else None,
+        "split_sizes": {part: len(ids) for part, ids in split.items()},
+        "gallery": len(gallery),
+        "indexed": len(stored),
+        "queries": len(queries),
+        "runtime": embedder.runtime_description,
+        "rocchio": vars(Feedback().rocchio),
+        "canvas": CANVAS,
+        "marked_positive_mean": float(counts[:, 0].mean()),
+        "marked_negative_mean": float(counts[:, 1].mean()),
+        "no_positive": int((counts[:, 0] == 0).sum()),
+        "all_positive": int((counts[:, 1] == 0).sum()),
+        "region_equals_original": found[REGION] == found[BEFORE],
+        "seconds": seconds,
+        "results": results,
+    }
+
+
+def refine_markdown(summary: dict) -> str:
+    results = summary["results"]
+    first = next(iter(results))
+    weights = summary["rocchio"]
+    lines = [
+        "### Refining a search",
+        "",
+        (
+            f"The main run's model, gallery ({summary['indexed']} images indexed) and {summary['queries']} test "
+            f"queries, in {summary['runtime']}; {summary['seconds']:.0f} s for all of it below (each query "
+            "embedded three times, five searches each)."
+        ),
+        "",
+        "![refining](benchmarks/results/retrieval-refine.png)",
+        "",
+        (
+            f"**By example.** A simulated user marks, among the first 10 results of each query, those with the "
+            f"query's {first} positive and the others negative (on average {summary['marked_positive_mean']:.1f} "
+            f"positive and {summary['marked_negative_mean']:.1f} negative; {summary['no_positive']} queries had no "
+            f"positive, {summary['all_positive']} no negative). One Rocchio round (alpha {weights['alpha']}, beta "
+            f"{weights['beta']}, gamma {weights['gamma']}, the service's defaults) brings 10 new results: the "
+            "marked are left out, as the service does by default, so the after figure is over images the user has "
+            "not seen; its fair reference is the next 10 results of the unrefined search (ranks 11 to 20), which "
+            "the user would see by reading on. With the marked kept (`include_marked`), the refined top 10 "
+            "against the first."
+        ),
+        "",
+        f"| label | P@10 {BEFORE} | P@10 {NEXT} | P@10 {AFTER} | change (new vs next 10) | P@10 {KEPT} | change |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row, methods in results.items():
+        before, following, after, kept = (methods[name]["P@10"] for name in (BEFORE, NEXT, AFTER, KEPT))
+        lines.append(
+            f"| {row} | {before:.3f} | {following:.3f} | {after:.3f} | {after - following:+.3f} | {kept:.3f} | "
+            f"{kept - before:+.3f} |"
+        )
+    full = results[first]
+    gains = {
+        "10 new against the next 10": full[AFTER]["P@10"] - full[NEXT]["P@10"],
+        "marked kept against the first 10": full[KEPT]["P@10"] - full[BEFORE]["P@10"],
+    }
+    lines += [
+        "",
+        (
+            f"Goal (issue 16): {first} P@10 +{REFINE_GOAL:.2f} after one round. This run: "
+            + "; ".join(
+                f"{name} {gain:+.3f}, **{'met' if gain >= REFINE_GOAL else 'not met'}**" for name, gain in gains.items()
+            )
+            + "."
+        ),
+        "",
+        (
+            f"**By region.** Each query radiograph pasted into a black canvas {summary['canvas']} times its width "
+            "and height, off-centre (a fifth of the spare width from the left, four fifths of the spare height "
+            "from the top), searched whole and with the region where the radiograph lies (cropped, then the "
+            "checkpoint's preprocessing)."
+            + (
+                " The region's answers are exactly those of the radiograph itself, unpadded."
+                if summary["region_equals_original"]
+                else ""
+            )
+        ),
+        "",
+        f"| label | P@1 {WHOLE} | P@1 {REGION} | P@10 {WHOLE} | P@10 {REGION} |",
+        "|---|---|---|---|---|",
+    ]
+    for row, methods in results.items():
+        cells = [methods[name][metric] for metric in ("P@1", "P@10") for name in (WHOLE, REGION)]
+        lines.append(f"| {row} | " + " | ".join(f"{value:.3f}" for value in cells) + " |")
+    return "\n".join(lines)
+
+
+def refine_plot(summary: dict, path: Path) -> None:
+    results = summary["results"]
+    labels = list(results)
+    positions = np.arange(len(labels))
+    panels = (("by example: P@10", "P@10", (BEFORE, NEXT, AFTER, KEPT)), ("by region: P@1", "P@1", (WHOLE, REGION)))
+    with saved_figure(path, ncols=2, figsize=(13, 4)) as (_, axes):
+        for axis, (title, metric, names) in zip(axes, panels, strict=True):
+            width = 0.8 / len(names)
+            for n, name in enumerate(names):
+                values = [results[label][name][metric] for label in labels]
+                axis.bar(positions + (n - (len(names) - 1) / 2) * width, values, width, label=name)
+            axis.set(title=title, ylim=(0, 1), ylabel=metric)
+            axis.set_xticks(positions, labels)
+            axis.grid(alpha=0.3, axis="y")
+            axis.legend(loc="lower left")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -364,12 +573,26 @@ def main() -> None:
         help="folder for the model, the engine and the caches",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
+    parser.add_argument(
+        "--only",
+        choices=("refine",),
+        help="run one part alone: refine (by example and by region), with the model an earlier run left in WORK",
+    )
     args = parser.parse_args()
     if (args.gallery is None) != (args.queries is None):
         parser.error("--gallery and --queries go together")
     if (args.dataset is None) == (args.gallery is None):
         parser.error("give either DATASET or --gallery and --queries")
-    run_and_publish("retrieval", run, args, plot=plot, plot_file="retrieval-precision.png", markdown=markdown)
+    if args.only is None:
+        run_and_publish("retrieval", run, args, plot=plot, plot_file="retrieval-precision.png", markdown=markdown)
+    run_and_publish(
+        "retrieval-refine",
+        run_refine,
+        args,
+        plot=refine_plot,
+        plot_file="retrieval-refine.png",
+        markdown=refine_markdown,
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ out" and "images in, stored".
 `Retrieval` binds an index to the model its vectors come from, checked once when it is made, so a search
 or an add can never mix one model's vectors with another's. Reading files, HTTP and progress bars are the
 callers' business; the model runs in `cbmir.embed`, the vectors live in `cbmir.index`.
+
+A search may be refined by example (`cbmir.refine.Feedback`): the query vector becomes the Rocchio vector of
+it and the marked images' stored embeddings, the filters are kept, and the marked images are left out of
+the k results (the engine is asked for k more) unless the feedback includes them. The prediction stays the
+query image's own.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from cbmir.embed import Embedder
-from cbmir.index import Engine, Filters, Hit, ImageEntry, IndexMismatchError, IndexPolicy
+from cbmir.index import MAX_K, Engine, Filters, Hit, ImageEntry, IndexMismatchError, IndexPolicy, UnknownImageError
 from cbmir.index.engine import check_k
 from cbmir.labels import Prediction
 from cbmir.locations import Location
+from cbmir.refine import Feedback, RefinementError
 
 
 @dataclass(frozen=True)
@@ -93,11 +99,39 @@ class Retrieval:
         `filters`. A bad k is refused before the model runs."""
         return self.search_input(self.embedder.prepare(pixels), k, filters)
 
-    def search_input(self, model_input: np.ndarray, k: int = 10, filters: Filters | None = None) -> SearchResult:
-        """`search_image` for a radiograph already prepared for the model (`Embedder.prepare`)."""
+    def search_input(
+        self,
+        model_input: np.ndarray,
+        k: int = 10,
+        filters: Filters | None = None,
+        feedback: Feedback | None = None,
+    ) -> SearchResult:
+        """`search_image` for a radiograph already prepared for the model (`Embedder.prepare`), refined by
+        `feedback` when given."""
         check_k(k)
         embeddings = self.embedder.embed_inputs([model_input])
-        return SearchResult(embeddings.predictions[0], self.engine.search(embeddings.vectors[0], k, filters))
+        return SearchResult(embeddings.predictions[0], self.search_vector(embeddings.vectors[0], k, filters, feedback))
+
+    def search_vector(
+        self, vector: np.ndarray, k: int = 10, filters: Filters | None = None, feedback: Feedback | None = None
+    ) -> list[Hit]:
+        """The k images nearest to a query vector that pass `filters`, refined by `feedback` (see the module
+        docstring). A marked id that is not indexed is a `RefinementError` naming its field."""
+        if feedback is None or not feedback.marked:
+            return self.engine.search(vector, k, filters)
+        k = check_k(k)
+        vector = feedback.rocchio(
+            vector, self._marked("positive", feedback.positive), self._marked("negative", feedback.negative)
+        )
+        excluded = feedback.excluded
+        hits = self.engine.search(vector, min(k + len(excluded), MAX_K), filters)
+        return [hit for hit in hits if hit.id not in excluded][:k]
+
+    def _marked(self, field: str, ids: tuple[int, ...]) -> np.ndarray:
+        try:
+            return self.engine.embeddings(ids)
+        except UnknownImageError as error:
+            raise RefinementError(f"{field}: {error}") from None
 
     def store(self, images: Sequence[PreparedImage]) -> Stored:
         """Embed and predict `images` and add them in one transaction (all or none; a content hash already

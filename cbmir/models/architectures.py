@@ -318,6 +318,11 @@ class RegionalPooling(nn.Module):
         pooled = list(net.blocks)[self.first_pooled :]
         self.out_features = grid * grid * sum(_output_channels(stage) for stage in pooled)
 
+    @property
+    def pooled_stages(self) -> tuple[str, ...]:
+        """The submodule names of the stages it pools, whose outputs are the spatial maps it summarises."""
+        return tuple(f"blocks.{index}" for index in range(self.first_pooled, len(self.blocks)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv_stem(x))
         pooled = []

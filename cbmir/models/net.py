@@ -131,6 +131,11 @@ class RadiographNet(nn.Module):
         """How many trunk blocks `set_trainable` can unfreeze."""
         return len(self._blocks)
 
+    @property
+    def trunk_blocks(self) -> tuple[tuple[str, ...], ...]:
+        """The trunk's parameterised stages from input to output, each a tuple of submodule names."""
+        return self._blocks
+
     def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled trunk output before the neck, N x trunk_dim: what to cache for head-only training."""
         if not (

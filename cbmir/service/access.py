@@ -44,6 +44,8 @@ ROUTE_ROLES: dict[str, Role] = {
     "GET /v1/me": Role.reader,
     "POST /v1/search": Role.reader,
     "GET /v1/images/{image_id}/similar": Role.reader,
+    "GET /v1/images/{image_id}/explain": Role.reader,
+    "POST /v1/explain": Role.reader,
     "GET /v1/images/{image_id}": Role.reader,
     "GET /v1/images/{image_id}/thumbnail": Role.reader,
     "GET /v1/images/{image_id}/original": Role.reader,

@@ -30,7 +30,8 @@ from cbmir.service.access import Gate
 from cbmir.service.body_timeout import BodyTimeout
 from cbmir.service.catalog import Catalog
 from cbmir.service.errors import error_response, install_error_handlers
-from cbmir.service.routes import account, codes, images, search, system
+from cbmir.service.explanations import Explanations
+from cbmir.service.routes import account, codes, explain, images, search, system
 from cbmir.service.routes import annotations as annotation_routes  # `annotations` is the __future__ feature
 from cbmir.service.settings import ServiceSettings
 
@@ -82,10 +83,19 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             access_store.close()
 
     app = FastAPI(title="cbmir", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, description=DESCRIPTION)
-    routers = (account.router, search.router, images.router, annotation_routes.router, codes.router, system.router)
+    routers = (
+        account.router,
+        search.router,
+        explain.router,
+        images.router,
+        annotation_routes.router,
+        codes.router,
+        system.router,
+    )
     api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     gate = Gate(api_routes, settings, UserDirectory(access_store), AuditTrail(access_store))
     app.state.settings, app.state.catalog, app.state.gate = settings, catalog, gate
+    app.state.explanations = Explanations(catalog, settings.model)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -2,7 +2,8 @@
 thumbnails, originals), searching by an upload, adding uploads, removing images and recording true codes.
 
 It raises domain errors (`UnknownImageError`, `InvalidCodeError`, `OriginalUnavailableError`,
-`OriginalsDisabledError`, and the reader's `ImageReadError`s and `PreprocessingError`s for bad uploads) and
+`OriginalsDisabledError`, the reader's `ImageReadError`s and `PreprocessingError`s for bad uploads, and
+`cbmir.refine.RefinementError`s for a region or marked images that cannot refine a search) and
 knows nothing of HTTP: `cbmir.service.errors` maps them to responses.
 
 Requests race removals, and each sees one state of the index: a search's hits come from one engine call
@@ -13,6 +14,10 @@ thumbnail outlives its image. At most `max_decoding` images are decoded at once 
 for the model, thumbnails made; the others wait for a slot): decoding takes memory in proportion to an
 image's pixels, so the service's memory is bounded however many uploads arrive together. The pixels never
 outlive the slot (`Decoded` holds what does), so a request waiting for the model holds only its model input.
+
+A search may be refined (`cbmir.refine`): by a region, cropped from the original pixels (of the upload, or of
+an indexed image read again, in a decoding slot too) before the model's preprocessing; and by images marked
+relevant or not, whose stored embeddings move the query vector (`Retrieval.search_vector`).
 
 Uploads are kept under ``uploads/`` in the index folder (named by content hash), so that thumbnails and
 originals work for them as for indexed files. An uploaded file is written before its row is added and
@@ -44,6 +49,7 @@ from cbmir.index import DuplicateImageError, Filters, Hit, ImageRow, UnknownImag
 from cbmir.irma import AXES, AXIS_LENGTHS, CodeTables, IrmaCode, IrmaCodeError, short_text, significant
 from cbmir.labels import Prediction
 from cbmir.locations import Location
+from cbmir.refine import Feedback, Region
 from cbmir.search import PreparedImage, Retrieval, SearchResult
 from indexer.pipeline import dicom_tags
 
@@ -87,6 +93,14 @@ class Decoded:
     height: int
     meta: ImageMeta
     dicom_png: bytes | None = None
+
+
+def thumbnail_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of an image's thumbnail: scaled down to THUMBNAIL_SIDE on its longer side, never up."""
+    scale = THUMBNAIL_SIDE / max(width, height)
+    if scale >= 1:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def upload_name(filename: str | None) -> str:
@@ -190,9 +204,8 @@ class Catalog:
             pass
         with self._decoding:
             pixels = to_uint8(self.source_pixels(row))
-            scale = THUMBNAIL_SIDE / max(pixels.shape)
-            if scale < 1:
-                size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+            size = thumbnail_size(pixels.shape[1], pixels.shape[0])
+            if size != (pixels.shape[1], pixels.shape[0]):
                 pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
             encoded = cv2.imencode(".png", pixels)[1].tobytes()
         write_atomically(path, encoded)
@@ -224,16 +237,15 @@ class Catalog:
         """The radiograph in an uploaded file; an `ImageReadError` says why not. Only `decode` calls it."""
         return read_image(data, name=name, max_pixels=self.max_pixels)
 
-    def decode(self, name: str, data: bytes, *, storing: bool = False) -> Decoded:
+    def decode(self, name: str, data: bytes, *, storing: bool = False, region: Region | None = None) -> Decoded:
         """An uploaded file read and prepared for the model in one of the `max_decoding` slots (waiting for
         one while all are taken; released on any error). An `ImageReadError` or a `PreprocessingError`
-        naming the file says why it cannot be used. `storing`: also make what is stored of a DICOM file."""
+        naming the file says why it cannot be used. `storing`: also make what is stored of a DICOM file.
+        `region`: prepare that region of the image only (a `RefinementError` when it does not fit); the
+        size is still the whole image's."""
         with self._decoding:
             radiograph = self.read_upload(name, data)
-            try:
-                model_input = self.retrieval.embedder.prepare(radiograph.pixels)
-            except PreprocessingError as error:
-                raise PreprocessingError(f"{name}: {error}") from None
+            model_input = self._prepare(name, radiograph.pixels, region)
             dicom = storing and radiograph.meta.source_format == "dicom"
             return Decoded(
                 model_input,
@@ -243,18 +255,59 @@ class Catalog:
                 dicom_png=cv2.imencode(".png", to_uint16(radiograph.pixels))[1].tobytes() if dicom else None,
             )
 
+    def prepare_indexed(self, row: ImageRow, region: Region | None = None) -> np.ndarray:
+        """An indexed image's model input (of its `region` only, when given), its pixels read again from their
+        source in one of the decoding slots (as `decode` does for an upload)."""
+        with self._decoding:
+            return self._prepare(f"image {row.id}", self.source_pixels(row), region)
+
+    def _prepare(self, name: str, pixels: np.ndarray, region: Region | None) -> np.ndarray:
+        """The model input of an image's pixels, or of a region of them. Called in a decoding slot."""
+        try:
+            return self.retrieval.embedder.prepare(pixels if region is None else region.crop(pixels))
+        except PreprocessingError as error:
+            where = f"{name}, region {region}" if region else name
+            raise PreprocessingError(f"{where}: {error}") from None
+
     # -- searching --------------------------------------------------------------------------------------
 
-    def search_upload(self, name: str, data: bytes, k: int, filters: Filters) -> tuple[Decoded, SearchResult]:
-        """An uploaded radiograph as decoded, and its prediction and k nearest images."""
-        decoded = self.decode(name, data)
-        return decoded, self.retrieval.search_input(decoded.model_input, k, filters)
+    def search_upload(
+        self,
+        name: str,
+        data: bytes,
+        k: int,
+        filters: Filters,
+        *,
+        region: Region | None = None,
+        feedback: Feedback | None = None,
+    ) -> tuple[Decoded, SearchResult]:
+        """An uploaded radiograph as decoded, and the prediction and k nearest images of it (or of its
+        `region`), refined by `feedback`."""
+        decoded = self.decode(name, data, region=region)
+        return decoded, self.retrieval.search_input(decoded.model_input, k, filters, feedback)
 
-    def similar(self, image_id: int, k: int, filters: Filters) -> tuple[ImageRow, list[Hit]]:
-        """An indexed image's row and the k images most like it (itself first when it passes `filters`)."""
-        hits = self.engine.search_by_id(image_id, k, filters)
-        own = hits[0] if hits and hits[0].id == image_id else self.row(image_id)
-        return own, hits
+    def similar(
+        self,
+        image_id: int,
+        k: int,
+        filters: Filters,
+        *,
+        region: Region | None = None,
+        feedback: Feedback | None = None,
+    ) -> tuple[ImageRow, Prediction | None, list[Hit]]:
+        """An indexed image's row and the k images most like it (itself first when it passes `filters`).
+        Refined, the query is the stored image's `region` (read again and embedded: the prediction is the
+        region's) or its stored vector, moved by `feedback`, and the image itself ranks by its score."""
+        if region is None and feedback is None:
+            hits = self.engine.search_by_id(image_id, k, filters)
+            own = hits[0] if hits and hits[0].id == image_id else self.row(image_id)
+            return own, None, hits
+        row = self.row(image_id)
+        if region is None:
+            [vector] = self.engine.embeddings([image_id])
+            return row, None, self.retrieval.search_vector(vector, k, filters, feedback)
+        result = self.retrieval.search_input(self.prepare_indexed(row, region), k, filters, feedback)
+        return row, result.prediction, result.hits
 
     # -- adding and changing ----------------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ from starlette.staticfiles import StaticFiles
 from cbmir.errors import CbmirError
 from cbmir.imaging.io import ImageReadError, ImageTooLargeError, NotAnImageError
 from cbmir.index import UnknownImageError
+from cbmir.refine import RefinementError
 from cbmir.service.catalog import InvalidCodeError, OriginalsDisabledError, OriginalUnavailableError
+from cbmir.service.explanations import ModelChangedError
 from cbmir.service.schemas import ErrorOut
 
 log = logging.getLogger(__name__)
@@ -26,10 +28,12 @@ STATUS_OF: tuple[tuple[type[CbmirError], int], ...] = (
     (UnknownImageError, 404),
     (OriginalUnavailableError, 404),
     (OriginalsDisabledError, 403),
+    (ModelChangedError, 503),
     (ImageTooLargeError, 413),
     (NotAnImageError, 415),
     (ImageReadError, 422),
     (InvalidCodeError, 422),
+    (RefinementError, 422),  # a region outside its image, an unknown marked image
     (CbmirError, 422),  # any other bad input: a malformed filter, k or id
 )
 
@@ -43,9 +47,11 @@ ERROR_MEANINGS = {
     411: "the request gives no Content-Length",
     413: "the request body or the image is above the server's limit",
     415: "the upload is not an image format cbmir reads",
-    422: "a malformed field, filter, code or image (the message names it)",
+    422: "a malformed field, filter, code or image, a region outside its image or an unknown marked image (the "
+    "message names it)",
     429: "too many wrong tokens from this client: try again after Retry-After seconds",
-    503: "the audit trail cannot be written, so nothing is answered",
+    503: "the audit trail cannot be written, so nothing is answered; or (explanations) the checkpoint on disk is "
+    "no longer the model the server started with",
 }
 
 

@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 from cbmir.index import CodeSource, Filters
 from cbmir.index.filters import AXIS_FILTERS
 from cbmir.irma import AXES, AXIS_LENGTHS
+from cbmir.refine import MIN_REGION_SIDE, Feedback, Region, Rocchio
 
 
 def explained(what: str) -> WrapValidator:
@@ -110,6 +111,51 @@ ImageIds = Annotated[
 ]
 
 
+# Refining a search (`cbmir.refine`). The patterns take what the server parses; whether a region fits its image
+# is known once the image is read (a 422 naming the region, its value and the image's size).
+REGION = (
+    "search this region of the image only: x,y,width,height in the pixels of the image as uploaded or "
+    f"stored (x,y its top-left corner), inside the image, each side at least {MIN_REGION_SIDE} pixels"
+)
+REGION_FORM = "x,y,width,height: four integers, in pixels"
+REGION_PATTERN = r"^(?:-?[0-9]{1,9}(?:,-?[0-9]{1,9}){3})?$"
+MAX_MARKED = 50
+MARKED = f"comma-separated image ids, at most {MAX_MARKED}, e.g. 3,14,15"
+_MARKED_PATTERN = f"^(?:[0-9]{{1,18}}(?:,[0-9]{{1,18}}){{0,{MAX_MARKED - 1}}})?$"
+
+
+def _marked(description: str) -> Any:
+    return Field(default=None, pattern=_MARKED_PATTERN, description=f"{description}: {MARKED}")
+
+
+class RefineParams(BaseModel):
+    """Refining a search, as form fields of an upload search or query parameters of a search by id: a region
+    of the query image, and images of an earlier answer marked relevant or not (the query moves towards the
+    first and away from the second, one Rocchio step; they are left out of the answer unless
+    `include_marked`). An empty value means none."""
+
+    region: Annotated[str | None, explained(REGION_FORM)] = Field(
+        default=None, pattern=REGION_PATTERN, description=REGION
+    )
+    positive: Annotated[str | None, explained(MARKED)] = _marked("images marked relevant")
+    negative: Annotated[str | None, explained(MARKED)] = _marked("images marked not relevant")
+    include_marked: bool = Field(default=False, description="let the marked images come back in the answer")
+
+    def parsed_region(self) -> Region | None:
+        return Region.parse(self.region) if self.region else None
+
+    def feedback(self, rocchio: Rocchio) -> Feedback | None:
+        """The marked images with these Rocchio weights; None when nothing is marked."""
+        positive, negative = _ids(self.positive), _ids(self.negative)
+        if not positive and not negative:
+            return None
+        return Feedback(positive, negative, include_marked=self.include_marked, rocchio=rocchio)
+
+
+def _ids(text: str | None) -> tuple[int, ...]:
+    return tuple(int(value) for value in text.split(",")) if text else ()
+
+
 class AxisOut(BaseModel):
     axis: str
     code: str
@@ -157,11 +203,24 @@ class ImageDetailOut(ImageOut):
     original_url: str | None
 
 
+class RegionOut(BaseModel):
+    x: int
+    y: int
+    width: int
+    height: int
+
+
 class QueryOut(BaseModel):
+    """The query as searched: the image (uploaded: its name; indexed: its id and name) and its size, and how
+    the search was refined (the region searched, the images marked relevant and not)."""
+
     name: str | None = None
     id: int | None = None
     width: int
     height: int
+    region: RegionOut | None = None
+    positive: list[int] = []
+    negative: list[int] = []
 
 
 class SearchOut(BaseModel):
@@ -231,3 +290,14 @@ class CallerOut(BaseModel):
     user: str
     role: Literal["reader", "annotator", "admin"]
     allowed: list[str]
+
+
+class ExplainOut(BaseModel):
+    """Why a query and a neighbour match: for each, where it agrees with the other, as a PNG overlay (a data
+    URL, transparent where agreement is low) of its thumbnail's size; the pair's embedding similarity; and the
+    milliseconds the maps took (0 when they came from the cache)."""
+
+    query: str = Field(description="data:image/png;base64,... overlay for the query's thumbnail")
+    neighbour: str = Field(description="data:image/png;base64,... overlay for the neighbour's thumbnail")
+    score: float
+    milliseconds: float

@@ -9,6 +9,7 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from cbmir.errors import CbmirError
+from cbmir.refine import Rocchio
 from cbmir.settings import ENV_PREFIX, Settings
 
 TOKEN_ENV = f"{ENV_PREFIX}TOKEN"
@@ -31,6 +32,8 @@ class ServiceSettings(Settings):
     `max_decoding`: the most images decoded at once (uploads, thumbnails); more wait for a turn, so memory
     stays bounded however many large uploads arrive together (see `cbmir.service.catalog`).
     `failed_logins_per_minute`: wrong tokens a client may send in a minute before it is answered 429.
+    `rocchio_alpha`, `rocchio_beta`, `rocchio_gamma`: the weights of a search refined by example, of the
+    query, of the images marked relevant and of those marked not (see `cbmir.refine`).
     Each is also read from ``CBMIR_<NAME>`` (``CBMIR_TOKEN``...)."""
 
     db: Path
@@ -47,6 +50,9 @@ class ServiceSettings(Settings):
     batch_wait_ms: float = Field(default=0.0, ge=0, le=1000)
     max_decoding: int = Field(default=2, ge=1)
     failed_logins_per_minute: int = Field(default=10, ge=1)
+    rocchio_alpha: float = Field(default=Rocchio.alpha, gt=0, le=100)
+    rocchio_beta: float = Field(default=Rocchio.beta, ge=0, le=100)
+    rocchio_gamma: float = Field(default=Rocchio.gamma, ge=0, le=100)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -55,6 +61,9 @@ class ServiceSettings(Settings):
         if "*" in self.cors_origins:
             raise ServiceConfigError("CORS origin '*' would let any web page read the images: name the origins")
         return self
+
+    def rocchio(self) -> Rocchio:
+        return Rocchio(self.rocchio_alpha, self.rocchio_beta, self.rocchio_gamma)
 
     def check_binding(self, has_users: bool) -> None:
         """Refuse to listen beyond this machine when no token is needed (no server token, no users)."""

@@ -23,6 +23,8 @@ ROLE_CALLS = {
     "GET /v1/me": ("GET", "/v1/me"),
     "POST /v1/search": ("POST", "/v1/search"),
     "GET /v1/images/{image_id}/similar": ("GET", "/v1/images/1/similar"),
+    "GET /v1/images/{image_id}/explain": ("GET", "/v1/images/1/explain?neighbour=2"),
+    "POST /v1/explain": ("POST", "/v1/explain"),
     "GET /v1/images/{image_id}": ("GET", "/v1/images/1"),
     "GET /v1/images/{image_id}/thumbnail": ("GET", "/v1/images/1/thumbnail"),
     "GET /v1/images/{image_id}/original": ("GET", "/v1/images/1/original"),

@@ -60,6 +60,8 @@ V1_CALLS = [
     ("GET", "/v1/me"),
     ("POST", "/v1/search"),
     ("GET", "/v1/images/1/similar"),
+    ("GET", "/v1/images/1/explain?neighbour=2"),
+    ("POST", "/v1/explain"),
     ("GET", "/v1/images/1"),
     ("GET", "/v1/images/1/thumbnail"),
     ("GET", "/v1/images/1/original"),

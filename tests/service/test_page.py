@@ -83,7 +83,7 @@ def wait_for_grid(page) -> None:
     page.locator("#busy").wait_for(state="hidden")
     page.locator("#neighbours .neighbour").first.wait_for()
     page.wait_for_function(
-        "() => [...document.querySelectorAll('#neighbours .neighbour img')]"
+        "() => [...document.querySelectorAll('#neighbours .neighbour img.picture')]"
         ".every(img => img.complete && img.naturalWidth > 0)"
     )
 
@@ -135,7 +135,7 @@ def test_search_by_upload_filter_and_click_through(page, service):
     page.select_option("#anatomy-filter", "")
     wait_for_grid(page)
     clicked = neighbours(page)[2]
-    page.locator("#neighbours .neighbour").nth(2).click()
+    page.locator("#neighbours .neighbour .open").nth(2).click()
     page.locator("#results-title", has_text=f"Similar to {clicked['name']}").wait_for()
     wait_for_grid(page)
     assert neighbours(page)[0]["id"] == clicked["id"]  # the image itself comes first
@@ -221,3 +221,143 @@ def test_annotate_a_batch_correct_one_and_export(page, service, tmp_path):
 def test_the_api_docs_render_without_the_internet(page, service):
     page.goto(f"{service.url}/docs")
     page.locator(".swagger-ui .opblock-summary-path", has_text="/v1/search").first.wait_for()
+
+
+# -- the refinement tools (issue 16) --------------------------------------------------------------------
+
+
+def upload_and_wait(page, path: Path) -> list[dict[str, str]]:
+    enter_token(page)
+    page.set_input_files("#file-input", str(path))
+    wait_for_grid(page)
+    return neighbours(page)
+
+
+def grid_changes_from(page, before: list[dict[str, str]]) -> list[dict[str, str]]:
+    page.wait_for_function(
+        "ids => JSON.stringify([...document.querySelectorAll('#neighbours .neighbour')].map(c => c.dataset.id))"
+        " !== JSON.stringify(ids)",
+        arg=[hit["id"] for hit in before],
+    )
+    wait_for_grid(page)
+    return neighbours(page)
+
+
+def test_draw_a_region_and_search_only_it(page, service, tmp_path):
+    """A hand beside a skull on one large film: the box drawn around the hand makes the grid a hand's."""
+    hand = cv2.imread(str(min((service.archive / "images").glob("synthetic-hand-*.png"))), cv2.IMREAD_GRAYSCALE)
+    skull = cv2.imread(str(min((service.archive / "images").glob("synthetic-skull-*.png"))), cv2.IMREAD_GRAYSCALE)
+    side = 2 * max(*hand.shape, *skull.shape)
+    film = np.zeros((side, 2 * side), np.uint8)
+    film[10 : 10 + hand.shape[0], 20 : 20 + hand.shape[1]] = hand
+    film[side - skull.shape[0] - 10 : side - 10, 2 * side - skull.shape[1] - 20 : 2 * side - 20] = skull
+    query = tmp_path / "film.png"
+    cv2.imwrite(str(query), film)
+    before = upload_and_wait(page, query)
+
+    box = page.locator("#query-image").bounding_box()
+    scale = min(box["width"] / film.shape[1], box["height"] / film.shape[0])
+    left = box["x"] + (box["width"] - film.shape[1] * scale) / 2
+    top = box["y"] + (box["height"] - film.shape[0] * scale) / 2
+    page.mouse.move(left + 16 * scale, top + 6 * scale)
+    page.mouse.down()
+    page.mouse.move(left + (24 + hand.shape[1]) * scale, top + (14 + hand.shape[0]) * scale, steps=5)
+    page.mouse.up()
+    page.locator("#region-text", has_text="Searching the region").wait_for()
+    assert page.locator("#region-box").is_visible()
+    after = grid_changes_from(page, before)
+    hand_code = next(
+        line.split(";")[1] for line in (service.archive / "codes.csv").read_text().splitlines() if "hand" in line
+    )
+    assert anatomy(after[0]["code"]) == anatomy(hand_code)
+    assert "(region)" in page.locator("#results-title").inner_text()
+
+    page.click("#region-clear")  # back to the whole film
+    assert grid_changes_from(page, after) == before
+    assert not page.locator("#region-box").is_visible()
+
+
+def test_mark_results_and_search_again(page, service):
+    before = upload_and_wait(page, phantom_path(service, "chest"))
+    assert page.locator("#refine").is_disabled()
+    page.locator("#neighbours .neighbour .mark-positive").nth(1).click()
+    page.locator("#neighbours .neighbour .mark-negative").nth(2).focus()  # keyboard-reachable
+    page.keyboard.press("Enter")
+    assert (
+        page.locator("#neighbours .neighbour").nth(2).locator(".mark-negative").get_attribute("aria-pressed") == "true"
+    )
+    page.locator("#marks-text", has_text="1 marked similar, 1 not similar").wait_for()
+    page.click("#refine")
+    after = grid_changes_from(page, before)
+    marked = {before[1]["id"], before[2]["id"]}
+    assert marked.isdisjoint(hit["id"] for hit in after) and len(after) == len(before)
+    # the page sent the marks: its grid is the API's answer to the same refined search
+    with service.client() as client, open(phantom_path(service, "chest"), "rb") as file:
+        answer = client.post(
+            "/v1/search",
+            files={"file": (Path(file.name).name, file)},
+            data={"k": "10", "positive": before[1]["id"], "negative": before[2]["id"]},
+        ).json()
+    assert [str(hit["id"]) for hit in answer["neighbours"]] == [hit["id"] for hit in after]
+    assert [hit["id"] for hit in after] != [hit["id"] for hit in before if hit["id"] not in marked][: len(after)]
+
+
+def phantom_path(service, kind: str) -> Path:
+    return min((service.archive / "images").glob(f"synthetic-{kind}-*.png"))
+
+
+def test_toggle_why_they_match(page, service):
+    upload_and_wait(page, phantom_path(service, "skull"))
+    page.check("#why-toggle")
+    page.wait_for_function(
+        "() => { const maps = [...document.querySelectorAll('#neighbours .thumb img.why')];"
+        " return maps.length === document.querySelectorAll('#neighbours .neighbour').length"
+        " && maps.every(map => map.complete && map.naturalWidth > 0); }"
+    )
+    page.locator("#neighbours .neighbour").nth(1).hover()
+    page.locator("#query-why").wait_for(state="visible")
+    page.uncheck("#why-toggle")
+    assert page.locator("#neighbours .thumb img.why").count() == 0
+    assert not page.locator("#query-why").is_visible()
+
+
+def test_compare_side_by_side(page, service):
+    page.set_viewport_size({"width": 1280, "height": 800})
+    found = upload_and_wait(page, phantom_path(service, "hand"))
+    page.locator("#neighbours .neighbour .compare").nth(1).click()
+    dialog = page.locator("#compare-dialog")
+    dialog.wait_for(state="visible")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#compare-dialog .viewport img:not(.why)')]"
+        ".every(img => img.complete && img.naturalWidth > 0)"
+    )
+    assert found[1]["code"] in page.locator("#caption-neighbour").inner_text()
+
+    def transforms() -> list[str]:
+        return page.eval_on_selector_all(
+            "#compare-dialog .viewport img:not(.why)", "imgs => imgs.map(i => i.style.transform)"
+        )
+
+    page.click("#zoom-in")
+    page.click("#zoom-in")
+    zoomed = transforms()
+    assert zoomed[0] == zoomed[1] and "scale(1.5625)" in zoomed[0]
+    pane = page.locator("#pane-neighbour").bounding_box()
+    page.mouse.move(pane["x"] + 100, pane["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(pane["x"] + 160, pane["y"] + 130, steps=3)
+    page.mouse.up()
+    panned = transforms()
+    assert panned[0] == panned[1] and "translate(60px, 30px)" in panned[0]  # the query pane moved with it
+    page.keyboard.press("ArrowLeft")
+    assert "translate(100px, 30px)" in transforms()[0]
+
+    for slider, value in (("#window-width", "64"), ("#window-level", "100")):
+        page.locator(slider).evaluate(
+            "(input, value) => { input.value = value; input.dispatchEvent(new Event('input')); }", value
+        )
+    slope = float(page.locator("#window-level-filter feFuncR").get_attribute("slope"))
+    assert slope == pytest.approx(255 / 64, rel=1e-3)
+    assert_no_horizontal_scrolling(page)
+    page.keyboard.press("Escape")
+    dialog.wait_for(state="hidden")

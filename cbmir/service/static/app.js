@@ -11,8 +11,19 @@ const $ = (selector) => document.querySelector(selector);
 
 let authRequired = false;
 let tokenWaiters = [];   // requests waiting for a token to be entered: {resolve, reject}
-let currentQuery = null; // {file} for an uploaded radiograph, or {id} for an indexed one
+const MIN_REGION = 16;    // the smallest region side the server searches, in image pixels
+const MAX_ZOOM = 16, ZOOM_STEP = 1.25;
+
+// {file} for an uploaded radiograph, or {id} for an indexed one; its width and height once known
+let currentQuery = null;
+let querySerial = 0;     // numbers queries, so that maps fetched for an earlier one are never shown
 let searchSerial = 0;    // only the latest search may render: an earlier answer arriving late is dropped
+let region = null;       // the region searched, {x, y, width, height} in the query's own pixels, or null
+const marks = new Map(); // image id -> "positive" | "negative", for refining the query by example
+let shownNeighbours = []; // the hits in the grid
+const whyCache = new Map(); // "query|region|neighbour" -> the promise of its maps
+let comparing = null;    // the neighbour in the compare view
+let view = { zoom: 1, x: 0, y: 0 }; // the compare view's zoom and pan, shared by both panes
 const annotated = new Map(); // image id -> state of its row in the annotation table
 const batch = { queue: [], total: 0, done: 0, failed: 0, running: false };
 
@@ -161,10 +172,15 @@ function fillMenu(select, entries) {
 
 // -- search ---------------------------------------------------------------------------------------------
 
-function filterParams() {
+// The search's parameters: filters, and the refinements (the region, the marked cases).
+function searchParams() {
   const params = { k: $("#k-select").value };
   if ($("#anatomy-filter").value) params.anatomy = $("#anatomy-filter").value;
   if ($("#biology-filter").value) params.biology = $("#biology-filter").value;
+  if (region) params.region = regionText(region);
+  const positive = markedIds("positive"), negative = markedIds("negative");
+  if (positive.length) params.positive = positive.join(",");
+  if (negative.length) params.negative = negative.join(",");
   return params;
 }
 
@@ -179,16 +195,20 @@ async function runSearch() {
     if (currentQuery.file) {
       const form = new FormData();
       form.append("file", currentQuery.file);
-      for (const [key, value] of Object.entries(filterParams())) form.append(key, value);
+      for (const [key, value] of Object.entries(searchParams())) form.append(key, value);
       result = await apiJson("/v1/search", { method: "POST", body: form });
     } else {
-      result = await apiJson(`/v1/images/${currentQuery.id}/similar?${new URLSearchParams(filterParams())}`);
+      result = await apiJson(`/v1/images/${currentQuery.id}/similar?${new URLSearchParams(searchParams())}`);
     }
     if (serial !== searchSerial) return;
+    currentQuery.width = result.query.width;
+    currentQuery.height = result.query.height;
+    drawRegion();
     renderPrediction(result.prediction);
+    const where = region ? " (region)" : "";
     $("#results-title").textContent = result.prediction
-      ? `Similar prior cases to ${result.query.name}`
-      : `Similar to ${result.query.name} (indexed image ${result.query.id})`;
+      ? `Similar prior cases to ${result.query.name}${where}`
+      : `Similar to ${result.query.name} (indexed image ${result.query.id})${where}`;
     renderNeighbours(result.neighbours);
   } catch (error) {
     if (serial !== searchSerial) return;
@@ -236,37 +256,63 @@ function renderPrediction(prediction) {
   box.append(table);
 }
 
-// The grid of similar cases; null empties it.
+// The grid of similar cases; null empties it. Each card opens a search by its image, and has its marks
+// (similar, not similar) and a compare button.
 function renderNeighbours(neighbours) {
   const grid = $("#neighbours");
   grid.querySelectorAll("img").forEach(revokeImage);
   grid.replaceChildren();
+  shownNeighbours = neighbours || [];
   if (!neighbours) return;
   if (!neighbours.length) {
     grid.append(element("p", "empty", "No indexed image matches these filters."));
     return;
   }
   for (const hit of neighbours) {
-    const card = element("button", "neighbour");
-    card.type = "button";
+    const card = element("div", "neighbour");
     card.dataset.id = hit.id;
     card.dataset.code = hit.code || "";
-    card.title = `Search for radiographs similar to ${hit.name}`;
-    const img = element("img");
+    const open = element("button", "open");
+    open.type = "button";
+    open.title = `Search for radiographs similar to ${hit.name}`;
+    const thumb = element("div", "thumb");
+    const img = element("img", "picture");
     img.alt = hit.name;
+    thumb.append(img);
     const code = element("span", "hit-code", hit.code || "–");
     if (hit.code && !hit.true_code) code.append(element("span", "tag", "predicted"));
-    card.append(img, element("span", "score", hit.score.toFixed(3)), code);
-    if (hit.words) card.append(element("span", "hit-words", hit.words));
-    card.append(element("span", "hit-name", hit.name));
-    card.addEventListener("click", () => searchById(hit));
+    open.append(thumb, element("span", "score", hit.score.toFixed(3)), code);
+    if (hit.words) open.append(element("span", "hit-words", hit.words));
+    open.append(element("span", "hit-name", hit.name));
+    open.addEventListener("click", () => searchById(hit));
+    const actions = element("div", "card-actions");
+    for (const [kind, label, title] of [
+      ["positive", "✓", "Mark as similar"],
+      ["negative", "✗", "Mark as not similar"],
+    ]) {
+      const mark = element("button", `mark mark-${kind}`, label);
+      mark.type = "button";
+      mark.title = title;
+      mark.setAttribute("aria-label", `${title}: ${hit.name}`);
+      mark.addEventListener("click", () => toggleMark(hit.id, kind));
+      actions.append(mark);
+    }
+    const compare = element("button", "compare", "Compare");
+    compare.type = "button";
+    compare.setAttribute("aria-label", `Compare with ${hit.name}`);
+    compare.addEventListener("click", () => openCompare(hit));
+    actions.append(compare);
+    card.append(open, actions);
+    for (const type of ["mouseenter", "focusin"]) card.addEventListener(type, () => showQueryWhy(hit));
     grid.append(card);
+    showMarks(card);
     thumbnailInto(img, hit.thumbnail_url);
+    if ($("#why-toggle").checked) whyOnCard(card, hit);
   }
 }
 
 function searchById(hit) {
-  currentQuery = { id: hit.id };
+  newQuery({ id: hit.id, width: hit.width, height: hit.height });
   showQuery(`${hit.name} · indexed image ${hit.id} · ${hit.code || "no code"}`);
   thumbnailInto($("#query-image"), hit.thumbnail_url);
   window.scrollTo({ top: 0 });
@@ -275,7 +321,7 @@ function searchById(hit) {
 
 function pickQueryFile(file) {
   if (!file) return;
-  currentQuery = { file };
+  newQuery({ file });
   const img = $("#query-image");
   if (PREVIEWABLE.test(file.name)) {
     showQuery(`${file.name} (${fileSize(file.size)})`);
@@ -287,14 +333,320 @@ function pickQueryFile(file) {
   runSearch();
 }
 
+// A new query starts without a region and without marks.
+function newQuery(query) {
+  currentQuery = { ...query, serial: ++querySerial };
+  region = null;
+  marks.clear();
+  drawRegion();
+  showMarkCount();
+}
+
 // Shows the query's caption, with its image emptied (a new picture or none follows).
 function showQuery(caption) {
   const img = $("#query-image");
   img.dataset.thumbnail = ""; // a thumbnail still on its way is for an earlier query
   revokeImage(img);
   img.classList.remove("hidden", "missing");
+  $("#query-why").classList.add("hidden");
   $("#query-name").textContent = caption;
   $("#query-preview").classList.remove("hidden");
+}
+
+// -- refine by region: a box dragged on the query image, kept in the image's own pixels ----------------
+
+function regionText(box) {
+  return [box.x, box.y, box.width, box.height].join(",");
+}
+
+// Where the query's pixels are shown in the canvas: the offset of pixel (0, 0) and CSS pixels per image
+// pixel (the image is contained, centred, in its element); null while it is not shown.
+function imageFrame() {
+  const img = $("#query-image");
+  if (!currentQuery || !currentQuery.width || !img.naturalWidth || img.classList.contains("hidden")) return null;
+  const fit = Math.min(img.clientWidth / img.naturalWidth, img.clientHeight / img.naturalHeight);
+  const shownWidth = img.naturalWidth * fit, shownHeight = img.naturalHeight * fit;
+  return {
+    left: img.offsetLeft + (img.clientWidth - shownWidth) / 2,
+    top: img.offsetTop + (img.clientHeight - shownHeight) / 2,
+    scale: shownWidth / currentQuery.width,
+  };
+}
+
+// The image pixel under a pointer event, kept inside the image.
+function imagePoint(frame, event) {
+  const canvas = $("#query-canvas").getBoundingClientRect();
+  const clamp = (value, most) => Math.min(most, Math.max(0, Math.round(value)));
+  return {
+    x: clamp((event.clientX - canvas.left - frame.left) / frame.scale, currentQuery.width),
+    y: clamp((event.clientY - canvas.top - frame.top) / frame.scale, currentQuery.height),
+  };
+}
+
+function boxBetween(a, b) {
+  return { x: Math.min(a.x, b.x), y: Math.min(a.y, b.y), width: Math.abs(a.x - b.x), height: Math.abs(a.y - b.y) };
+}
+
+// Places `shown` (absolutely positioned in the canvas) over `box` of the query image; hides it when either
+// is missing.
+function placeBox(shown, box) {
+  const frame = imageFrame();
+  shown.classList.toggle("hidden", !box || !frame);
+  if (!box || !frame) return;
+  shown.style.left = `${frame.left + box.x * frame.scale}px`;
+  shown.style.top = `${frame.top + box.y * frame.scale}px`;
+  shown.style.width = `${box.width * frame.scale}px`;
+  shown.style.height = `${box.height * frame.scale}px`;
+}
+
+function drawBox(box) {
+  placeBox($("#region-box"), box);
+}
+
+function drawRegion() {
+  drawBox(region);
+  $("#region-clear").classList.toggle("hidden", !region);
+  $("#region-text").textContent = region
+    ? `Searching the region at ${region.x}, ${region.y} (${region.width} × ${region.height} px).`
+    : "Drag a box on the image to search only that region.";
+}
+
+function wireRegion() {
+  const canvas = $("#query-canvas");
+  let start = null, frame = null;
+  canvas.addEventListener("pointerdown", (event) => {
+    frame = imageFrame();
+    if (!frame || event.button !== 0) return;
+    event.preventDefault();
+    canvas.setPointerCapture(event.pointerId);
+    start = imagePoint(frame, event);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (start) drawBox(boxBetween(start, imagePoint(frame, event)));
+  });
+  canvas.addEventListener("pointerup", (event) => {
+    if (!start) return;
+    const box = boxBetween(start, imagePoint(frame, event));
+    start = null;
+    if (box.width < MIN_REGION || box.height < MIN_REGION) { // a click, or too small to search
+      drawRegion();
+      return;
+    }
+    region = box;
+    drawRegion();
+    runSearch();
+  });
+  $("#region-clear").addEventListener("click", () => {
+    region = null;
+    drawRegion();
+    runSearch();
+  });
+  window.addEventListener("resize", () => drawBox(region));
+}
+
+// -- refine by example: cases marked similar or not, sent with the next search --------------------------
+
+function markedIds(kind) {
+  return [...marks].filter(([, value]) => value === kind).map(([id]) => id);
+}
+
+function toggleMark(id, kind) {
+  if (marks.get(id) === kind) marks.delete(id);
+  else marks.set(id, kind);
+  const card = $(`#neighbours .neighbour[data-id="${id}"]`);
+  if (card) showMarks(card);
+  showMarkCount();
+}
+
+function showMarks(card) {
+  const mark = marks.get(Number(card.dataset.id));
+  card.classList.toggle("marked-positive", mark === "positive");
+  card.classList.toggle("marked-negative", mark === "negative");
+  for (const kind of ["positive", "negative"]) {
+    card.querySelector(`.mark-${kind}`).setAttribute("aria-pressed", String(mark === kind));
+  }
+}
+
+function showMarkCount() {
+  const positive = markedIds("positive").length, negative = markedIds("negative").length;
+  $("#refine").disabled = !marks.size;
+  $("#marks-clear").classList.toggle("hidden", !marks.size);
+  $("#marks-text").textContent = marks.size
+    ? `${positive} marked similar, ${negative} not similar: marked cases are left out of the next results.`
+    : "Mark cases as similar (✓) or not (✗), then search again.";
+}
+
+// -- why they match: agreement maps over the thumbnails (computed by the server on demand) ---------------
+
+// The maps of the query and one neighbour (an ExplainOut), fetched once per query, region and neighbour.
+function explain(hit) {
+  const key = `${currentQuery.serial}|${region ? regionText(region) : ""}|${hit.id}`;
+  if (!whyCache.has(key)) {
+    let answer;
+    if (currentQuery.file) {
+      const form = new FormData();
+      form.append("file", currentQuery.file);
+      form.append("neighbour", hit.id);
+      if (region) form.append("region", regionText(region));
+      answer = apiJson("/v1/explain", { method: "POST", body: form });
+    } else {
+      answer = apiJson(`/v1/images/${currentQuery.id}/explain?neighbour=${hit.id}`);
+    }
+    answer.catch(() => whyCache.delete(key)); // a failure is not kept: the next toggle asks again
+    whyCache.set(key, answer);
+  }
+  return whyCache.get(key);
+}
+
+async function whyOnCard(card, hit) {
+  const thumb = card.querySelector(".thumb");
+  try {
+    const maps = await explain(hit);
+    if (!card.isConnected || !$("#why-toggle").checked || thumb.querySelector(".why")) return;
+    const overlay = element("img", "why");
+    overlay.alt = "";
+    overlay.src = maps.neighbour;
+    thumb.append(overlay);
+  } catch (error) {
+    showMessage(`no map for ${hit.name}: ${error.message}`);
+  }
+}
+
+async function showQueryWhy(hit) {
+  const overlay = $("#query-why");
+  if (!$("#why-toggle").checked || !currentQuery) return;
+  const serial = currentQuery.serial;
+  try {
+    const maps = await explain(hit);
+    if (!$("#why-toggle").checked || currentQuery.serial !== serial) return;
+    overlay.src = maps.query;
+    placeBox(overlay, { x: 0, y: 0, width: currentQuery.width, height: currentQuery.height }); // the whole image's
+    overlay.classList.remove("hidden");
+  } catch (_) { /* the card says why */ }
+}
+
+function toggleWhy() {
+  const on = $("#why-toggle").checked;
+  for (const card of document.querySelectorAll("#neighbours .neighbour")) {
+    const hit = shownNeighbours.find((candidate) => String(candidate.id) === card.dataset.id);
+    if (on && hit) whyOnCard(card, hit);
+    else card.querySelectorAll(".why").forEach((overlay) => overlay.remove());
+  }
+  if (!on) $("#query-why").classList.add("hidden");
+}
+
+// -- compare: the query and one neighbour side by side, zoomed and panned together -----------------------
+
+function openCompare(hit) {
+  comparing = hit;
+  const [query, neighbour] = [$("#pane-query"), $("#pane-neighbour")];
+  const queryPicture = query.querySelector("img:not(.why)");
+  revokeImage(queryPicture);
+  const shown = $("#query-image");
+  if (currentQuery.file && PREVIEWABLE.test(currentQuery.file.name)) {
+    queryPicture.src = URL.createObjectURL(currentQuery.file);
+  } else if (shown.src) {
+    queryPicture.src = shown.src; // the query's thumbnail, still held by the page
+  }
+  thumbnailInto(neighbour.querySelector("img:not(.why)"), hit.thumbnail_url);
+  $("#caption-query").textContent = $("#query-name").textContent;
+  const caption = $("#caption-neighbour");
+  caption.replaceChildren(element("strong", null, hit.code || "no code"));
+  if (hit.words) caption.append(` — ${hit.words}`);
+  caption.append(element("span", "muted", ` · ${hit.name} · similarity ${hit.score.toFixed(3)}`));
+  if (hit.viewer_url) {
+    const link = element("a", "viewer-link", "open in the viewer");
+    link.href = hit.viewer_url;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    caption.append(" · ", link);
+  }
+  $("#compare-title").textContent = `Compare with ${hit.name}`;
+  setView({ zoom: 1, x: 0, y: 0 });
+  $("#compare-why").checked = $("#why-toggle").checked;
+  compareWhy();
+  $("#compare-dialog").showModal();
+}
+
+// One zoom and pan for both panes.
+function setView(next) {
+  view = { ...view, ...next };
+  view.zoom = Math.min(MAX_ZOOM, Math.max(1, view.zoom));
+  for (const img of document.querySelectorAll("#compare-dialog .viewport img")) {
+    img.style.transform = `translate(${view.x}px, ${view.y}px) scale(${view.zoom})`;
+  }
+  $("#zoom-text").textContent = `${Math.round(view.zoom * 100)}%`;
+}
+
+// Window and level (0-255 of the shown grey values): the SVG filter maps [level - window/2, level +
+// window/2] onto black to white, linearly, as a reading station does.
+function setWindowLevel() {
+  const width = Number($("#window-width").value) / 255, level = Number($("#window-level").value) / 255;
+  const slope = 1 / width;
+  const intercept = -(level - width / 2) * slope;
+  for (const channel of document.querySelectorAll("#window-level-filter feComponentTransfer > *")) {
+    channel.setAttribute("slope", slope.toFixed(4));
+    channel.setAttribute("intercept", intercept.toFixed(4));
+  }
+}
+
+async function compareWhy() {
+  const on = $("#compare-why").checked;
+  const overlays = document.querySelectorAll("#compare-dialog img.why");
+  overlays.forEach((overlay) => overlay.classList.add("hidden"));
+  if (!on || !comparing) return;
+  const hit = comparing;
+  try {
+    const maps = await explain(hit);
+    if (comparing !== hit || !$("#compare-why").checked) return;
+    $("#pane-query img.why").src = maps.query;
+    $("#pane-neighbour img.why").src = maps.neighbour;
+    overlays.forEach((overlay) => overlay.classList.remove("hidden"));
+  } catch (error) {
+    $("#caption-neighbour").append(element("span", "error", ` · no map: ${error.message}`));
+  }
+}
+
+function wireCompare() {
+  const dialog = $("#compare-dialog");
+  $("#zoom-in").addEventListener("click", () => setView({ zoom: view.zoom * ZOOM_STEP }));
+  $("#zoom-out").addEventListener("click", () => setView({ zoom: view.zoom / ZOOM_STEP }));
+  $("#zoom-reset").addEventListener("click", () => setView({ zoom: 1, x: 0, y: 0 }));
+  $("#compare-close").addEventListener("click", () => dialog.close());
+  $("#compare-why").addEventListener("change", compareWhy);
+  for (const id of ["#window-width", "#window-level"]) $(id).addEventListener("input", setWindowLevel);
+  let dragging = null;
+  for (const pane of dialog.querySelectorAll(".viewport")) {
+    pane.addEventListener("wheel", (event) => {
+      event.preventDefault();
+      setView({ zoom: view.zoom * (event.deltaY < 0 ? ZOOM_STEP : 1 / ZOOM_STEP) });
+    }, { passive: false });
+    pane.addEventListener("pointerdown", (event) => {
+      pane.setPointerCapture(event.pointerId);
+      dragging = { x: event.clientX - view.x, y: event.clientY - view.y };
+    });
+    pane.addEventListener("pointermove", (event) => {
+      if (dragging) setView({ x: event.clientX - dragging.x, y: event.clientY - dragging.y });
+    });
+    pane.addEventListener("pointerup", () => { dragging = null; });
+  }
+  dialog.addEventListener("keydown", (event) => {
+    if (event.target.tagName === "INPUT") return; // the sliders take their own arrow keys
+    const step = 40;
+    const moves = { ArrowLeft: [step, 0], ArrowRight: [-step, 0], ArrowUp: [0, step], ArrowDown: [0, -step] };
+    if (moves[event.key]) {
+      event.preventDefault();
+      setView({ x: view.x + moves[event.key][0], y: view.y + moves[event.key][1] });
+    } else if (event.key === "+" || event.key === "=") {
+      setView({ zoom: view.zoom * ZOOM_STEP });
+    } else if (event.key === "-") {
+      setView({ zoom: view.zoom / ZOOM_STEP });
+    }
+  });
+  dialog.addEventListener("close", () => {
+    comparing = null;
+    revokeImage(dialog.querySelector("#pane-query img:not(.why)"));
+  });
 }
 
 // -- annotation -----------------------------------------------------------------------------------------
@@ -493,6 +845,16 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("#file-input").addEventListener("change", (event) => pickQueryFile(event.target.files[0]));
   dropTarget($("#drop-zone"), (files) => pickQueryFile(files[0]));
   for (const id of ["#anatomy-filter", "#biology-filter", "#k-select"]) $(id).addEventListener("change", runSearch);
+  $("#refine").addEventListener("click", runSearch);
+  $("#marks-clear").addEventListener("click", () => {
+    marks.clear();
+    document.querySelectorAll("#neighbours .neighbour").forEach(showMarks);
+    showMarkCount();
+    runSearch();
+  });
+  $("#why-toggle").addEventListener("change", toggleWhy);
+  wireRegion();
+  wireCompare();
   $("#annotate-input").addEventListener("change", (event) => {
     annotateFiles([...event.target.files]);
     event.target.value = ""; // picking the same files again must fire "change" again
