@@ -57,6 +57,10 @@ ROUTE_ROLES: dict[str, Role] = {
     "POST /v1/images": Role.admin,
     "DELETE /v1/images/{image_id}": Role.admin,
 }
+# The routes that change the index (the others only read it).
+CHANGING_ROUTES = frozenset(
+    {"POST /v1/annotate", "PUT /v1/images/{image_id}/code", "POST /v1/images", "DELETE /v1/images/{image_id}"}
+)
 
 
 @dataclass
@@ -189,7 +193,7 @@ class Gate:
         try:
             await run_in_threadpool(self.trail.append, done)
         except AuditWriteError as error:
-            changed = event.route.split(" ")[0] not in ("GET", "HEAD") and response.status_code < 400
+            changed = event.route in CHANGING_ROUTES and response.status_code < 400
             change = f" after {done.route} by {done.user} changed images {done.images}" if changed else ""
             log.error("%s%s", error, change)
             message = "the audit trail cannot be written, so nothing is answered"

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cbmir.access import Role
 from cbmir.cli import app as cli
 from cbmir.service import ServiceSettings
-from cbmir.service.access import ROUTE_ROLES
+from cbmir.service.access import CHANGING_ROUTES, ROUTE_ROLES
 from tests.service.conftest import TOKEN, start
 from tests.service.test_api import phantom
 
@@ -71,6 +71,7 @@ def test_every_v1_route_declares_its_role(served):
     spec = client(served, Role.reader).get("/openapi.json").json()
     routes = {f"{method.upper()} {path}" for path, item in spec["paths"].items() for method in item}
     assert {route for route in routes if " /v1/" in route} == set(ROUTE_ROLES) == set(ROLE_CALLS)
+    assert set(ROUTE_ROLES) >= CHANGING_ROUTES
 
 
 @pytest.mark.parametrize("role", [Role.reader, Role.annotator])
@@ -156,6 +157,12 @@ def test_a_request_whose_audit_record_cannot_be_written_answers_nothing(served):
             answer = reader.get("/v1/images/1/similar")
         assert answer.status_code == 503
         assert "audit trail cannot be written" in answer.json()["error"] and "neighbours" not in answer.text
+        assert "the change itself was made" not in answer.json()["error"]  # a search changes nothing
+        with client(served, Role.annotator) as annotator:
+            code = annotator.get("/v1/images/6").json()  # refused too: nothing is read unaudited
+            assert code.get("error", "").startswith("the audit trail cannot be written")
+            changed = annotator.put("/v1/images/6/code", json={"code": "1121-110-411-700"})
+        assert changed.status_code == 503 and "the change itself was made" in changed.json()["error"]
     finally:
         with sqlite3.connect(store) as db:
             db.execute("DROP TRIGGER refuse")
