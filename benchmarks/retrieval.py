@@ -49,6 +49,7 @@ from cbmir.checkpoint import Checkpoint, load_checkpoint
 from cbmir.datasets import load_pixels, open_dataset
 from cbmir.embed import Embedder, batches
 from cbmir.errors import CbmirError
+from cbmir.index import ImageRow
 from cbmir.irma import AXES, CodeTables, IrmaCode, run_error_score
 from cbmir.prepared import prepare_images
 from cbmir.refine import Feedback, Region
@@ -88,6 +89,13 @@ def report_rows(irma: bool, query_labels: list[str]) -> dict[str, tuple[View, li
     for axis in AXES:
         rows[axis] = (axis_view(axis), everyone)
     return rows
+
+
+def gallery_code(row: ImageRow) -> str:
+    """The true code of an indexed gallery image (the benchmark indexes every one with its code)."""
+    if row.true_code is None:
+        raise ValueError(f"gallery image {row.id} was indexed without its code")
+    return row.true_code
 
 
 def figures(neighbour_labels: list[list[str]], query_labels: list[str], gallery_labels: list[str], view: View) -> dict:
@@ -406,7 +414,7 @@ def run_refine(args) -> dict:
     marked = []
     with tempfile.TemporaryDirectory(dir=args.work) as folder, Retrieval.open(folder, embedder) as retrieval:
         print(index_records(gallery, retrieval, dataset=dataset.name).text())
-        stored = [row.true_code for row in retrieval.engine.get(retrieval.engine.query())]
+        stored = [gallery_code(row) for row in retrieval.engine.get(retrieval.engine.query())]
         print(f"refining {len(queries)} queries by example and by region")
         started = time.perf_counter()
         for chunk in batches(queries, 16):
@@ -421,7 +429,7 @@ def run_refine(args) -> dict:
                 query = vectors[BEFORE][n]
                 twenty = retrieval.search_vector(query, 20)
                 first = twenty[:10]
-                positive = tuple(hit.id for hit in first if same(hit.true_code) == same(record.labels[0]))
+                positive = tuple(hit.id for hit in first if same(gallery_code(hit)) == same(record.labels[0]))
                 feedback = Feedback(positive, tuple(hit.id for hit in first if hit.id not in positive))
                 marked.append((len(feedback.positive), len(feedback.negative)))
                 answers = {
@@ -433,7 +441,7 @@ def run_refine(args) -> dict:
                     REGION: retrieval.search_vector(vectors[REGION][n], 10),
                 }
                 for name, hits in answers.items():
-                    found[name].append([hit.true_code for hit in hits])
+                    found[name].append([gallery_code(hit) for hit in hits])
         seconds = time.perf_counter() - started
     results = {
         row: {

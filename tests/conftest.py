@@ -4,6 +4,8 @@ them skip with a visible reason when that folder is absent."""
 import os
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from cbmir.checkpoint import new_card, save_checkpoint
@@ -12,6 +14,13 @@ from cbmir.labels import LabelSchema
 from cbmir.models import create_model
 
 SHARED_DATA = Path(os.environ.get("CBMIR_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def read_grey(path: Path) -> np.ndarray:
+    """A grey image file a test wrote or reads (OpenCV answers None, not an error, for one it cannot read)."""
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    assert image is not None, f"cannot read {path}"
+    return image
 
 
 def shared_path(relative: str) -> Path:

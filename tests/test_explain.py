@@ -69,7 +69,7 @@ def test_the_overlay_has_the_thumbnails_size_and_aspect(trained, images):
     size = thumbnail_size(skull.shape[1], skull.shape[0])
     png = overlay_png(in_image_frame(agreement.query, skull.shape[1], skull.shape[0], "constant", size))
     overlay = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
-    assert overlay.shape == (size[1], size[0], 4)
+    assert overlay is not None and overlay.shape == (size[1], size[0], 4)
     assert overlay[..., 3].max() > overlay[..., 3].min()  # some of it shown, some of it not
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cbmir.service.catalog import thumbnail_size
+from tests.conftest import read_grey
 from tests.service.test_api import phantom
 
 
@@ -50,7 +51,7 @@ def test_explain_an_upload_answers_overlays_and_then_from_the_cache(service):
         ]
         assert [answer.status_code for answer in answers] == [200, 200], answers[0].text
         first, second = (answer.json() for answer in answers)
-        width, height = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).shape[::-1]
+        width, height = read_grey(path).shape[::-1]
         assert overlay(first["query"]).shape[:2] == thumbnail_size(width, height)[::-1]
         assert overlay(first["neighbour"]).shape[:2] == thumbnail_shape(client, 2)
         assert first["milliseconds"] > 0 and second == {**first, "milliseconds": 0.0}
@@ -76,7 +77,7 @@ def test_explain_refuses_unknown_ids_and_bad_fields_by_name(service):
 
 def test_explain_a_region_of_an_upload_shows_agreement_inside_it_only(service):
     path = phantom(service, 6)
-    width, height = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).shape[::-1]
+    width, height = read_grey(path).shape[::-1]
     region = f"0,0,{width // 2},{height // 2}"
     with service.client() as client:
         answer = client.post(

@@ -19,6 +19,7 @@ import pytest
 
 from cbmir.irma import IrmaCode
 from cbmir.synthetic import phantom
+from tests.conftest import read_grey
 from tests.service.conftest import TOKEN
 
 CHROMIUM = shutil.which("chromium")
@@ -245,8 +246,8 @@ def grid_changes_from(page, before: list[dict[str, str]]) -> list[dict[str, str]
 
 def test_draw_a_region_and_search_only_it(page, service, tmp_path):
     """A hand beside a skull on one large film: the box drawn around the hand makes the grid a hand's."""
-    hand = cv2.imread(str(min((service.archive / "images").glob("synthetic-hand-*.png"))), cv2.IMREAD_GRAYSCALE)
-    skull = cv2.imread(str(min((service.archive / "images").glob("synthetic-skull-*.png"))), cv2.IMREAD_GRAYSCALE)
+    hand = read_grey(min((service.archive / "images").glob("synthetic-hand-*.png")))
+    skull = read_grey(min((service.archive / "images").glob("synthetic-skull-*.png")))
     side = 2 * max(*hand.shape, *skull.shape)
     film = np.zeros((side, 2 * side), np.uint8)
     film[10 : 10 + hand.shape[0], 20 : 20 + hand.shape[1]] = hand

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import cv2
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -15,6 +14,7 @@ from cbmir.cli import app as cli
 from cbmir.embed import Embedder
 from cbmir.index import Filters
 from cbmir.index.store import Store
+from tests.conftest import read_grey
 from tests.service.test_api import phantom, png_bytes, search_bytes
 
 K = 5
@@ -36,7 +36,9 @@ def stored(service):
         store.close()
 
 
-def brute_force(stored, vector: np.ndarray, k: int = K, leave_out: set[int] = frozenset()) -> dict[int, float]:
+def brute_force(
+    stored, vector: np.ndarray, k: int = K, leave_out: frozenset[int] | set[int] = frozenset()
+) -> dict[int, float]:
     ids, vectors = stored
     scores = vectors @ (vector / np.linalg.norm(vector))
     order = [i for i in np.argsort(-scores) if int(ids[i]) not in leave_out][:k]
@@ -66,7 +68,7 @@ def embed(embedder: Embedder, pixels: np.ndarray) -> tuple[np.ndarray, str]:
 def pasted(service, number: int) -> tuple[np.ndarray, np.ndarray, str]:
     """A phantom pasted off-centre into a black canvas three times its size: the original, the canvas and the
     region ("x,y,width,height") where the original lies."""
-    original = cv2.imread(str(phantom(service, number)), cv2.IMREAD_GRAYSCALE)
+    original = read_grey(phantom(service, number))
     height, width = original.shape
     canvas = np.zeros((3 * height, 3 * width), np.uint8)
     x, y = width // 3, 2 * height - 7
@@ -106,7 +108,7 @@ def test_a_region_search_finds_the_pasted_original_first(service, embedder, stor
 def test_a_region_of_an_indexed_image_is_read_again_and_embedded(service, embedder, stored):
     with service.client() as client:
         name = client.get("/v1/images/8").json()["name"]
-        original = cv2.imread(str(service.archive / "images" / name), cv2.IMREAD_GRAYSCALE)
+        original = read_grey(service.archive / "images" / name)
         answer = client.get("/v1/images/8/similar", params={"k": K, "region": "10,20,90,120"})
         plain = client.get("/v1/images/8/similar", params={"k": K}).json()
     assert answer.status_code == 200, answer.text
@@ -133,7 +135,7 @@ BAD_REGIONS = [
 @pytest.mark.parametrize(("region", "problem"), BAD_REGIONS)
 def test_a_region_that_does_not_fit_is_a_422_naming_it_and_the_image_size(service, region, problem):
     image = phantom(service, 0)
-    height, width = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE).shape
+    height, width = read_grey(image).shape
     with service.client() as client:
         by_upload = search_bytes(client, "q.png", image.read_bytes(), region=region)
         by_id = client.get("/v1/images/1/similar", params={"region": region})
@@ -179,7 +181,7 @@ def test_refining_by_example_equals_a_brute_force_search_with_the_rocchio_vector
     check_scores(body["neighbours"], stored, vector)
     check_equal(included["neighbours"], brute_force(stored, vector))
     assert set(positive) <= {hit["id"] for hit in included["neighbours"]}  # the positives are the nearest
-    query, label = embed(embedder, cv2.imread(str(phantom(service, 2)), cv2.IMREAD_GRAYSCALE))
+    query, label = embed(embedder, read_grey(phantom(service, 2)))
     upload_vector = rocchio(query, vectors[[position[i] for i in positive]], vectors[[position[negative[0]]]])
     check_equal(uploaded.json()["neighbours"], brute_force(stored, upload_vector, leave_out=marked))
     check_scores(uploaded.json()["neighbours"], stored, upload_vector)
