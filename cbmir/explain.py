@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -36,11 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbmir.checkpoint import load_checkpoint
 from cbmir.embed import images_to_tensor
 from cbmir.errors import CbmirError
 from cbmir.imaging.preprocess import Padding
 from cbmir.models.architectures import RegionalPooling
 from cbmir.models.net import RadiographNet
+from cbmir.stamp import ModelStamp
 
 LOW_AGREEMENT = 0.5  # at or below: transparent (unrelated radiographs' cells mostly lie below it)
 MAX_ALPHA = 190  # of 255 at full agreement: the radiograph stays visible under the colour
@@ -102,6 +105,10 @@ def _best_match(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return similarity.max(dim=1).values.reshape(a.shape[1:]), similarity.max(dim=0).values.reshape(b.shape[1:])
 
 
+class ModelChangedError(CbmirError):
+    """The checkpoint folder holds another model than the one the vectors were made with."""
+
+
 class Explainer:
     """Agreement maps of a model (see the module docstring). Thread-safe: one model run at a time (the
     trunk's outputs are caught with hooks, which concurrent runs would mix)."""
@@ -110,6 +117,18 @@ class Explainer:
         self.model = model.eval()
         self.stages = spatial_stages(model)
         self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, folder: Path, stamp: ModelStamp) -> Explainer:
+        """The explainer of the checkpoint in `folder`, which must still hold the model of `stamp` (the one
+        the vectors were made with); another is a `ModelChangedError`."""
+        checkpoint = load_checkpoint(folder)
+        if ModelStamp(checkpoint.stamp, checkpoint.model.embedding_dim).digest != stamp.digest:
+            raise ModelChangedError(
+                f"{folder} holds another model than the one this server searches with: restart the server to "
+                "explain with it"
+            )
+        return cls(checkpoint.model)
 
     @torch.inference_mode()
     def agreement(self, query: np.ndarray, neighbour: np.ndarray) -> Agreement:

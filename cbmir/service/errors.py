@@ -14,11 +14,11 @@ from starlette.routing import Match, Mount
 from starlette.staticfiles import StaticFiles
 
 from cbmir.errors import CbmirError
+from cbmir.explain import ModelChangedError
 from cbmir.imaging.io import ImageReadError, ImageTooLargeError, NotAnImageError
 from cbmir.index import UnknownImageError
 from cbmir.refine import RefinementError
 from cbmir.service.catalog import InvalidCodeError, OriginalsDisabledError, OriginalUnavailableError
-from cbmir.service.explanations import ModelChangedError
 from cbmir.service.schemas import ErrorOut
 
 log = logging.getLogger(__name__)

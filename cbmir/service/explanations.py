@@ -23,19 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cbmir.checkpoint import load_checkpoint
-from cbmir.errors import CbmirError
 from cbmir.explain import Explainer, in_image_frame, overlay_png
 from cbmir.index import ImageRow
 from cbmir.refine import Region
 from cbmir.service.catalog import Catalog, thumbnail_size
-from cbmir.stamp import ModelStamp
 
 CACHED_PAIRS = 128
-
-
-class ModelChangedError(CbmirError):
-    """The checkpoint folder holds another model than the one the server started with."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +67,7 @@ class Explanations:
         """The checkpoint's torch model as an `Explainer`, loaded once, on first use."""
         with self._loading:
             if self._explainer is None:
-                checkpoint = load_checkpoint(self.checkpoint)
-                if ModelStamp(checkpoint.stamp, checkpoint.model.embedding_dim).digest != self.stamp.digest:
-                    raise ModelChangedError(
-                        f"{self.checkpoint} holds another model than the one this server searches with: "
-                        "restart the server to explain with it"
-                    )
-                self._explainer = Explainer(checkpoint.model)
+                self._explainer = Explainer.load(self.checkpoint, self.stamp)
             return self._explainer
 
     def by_id(self, image_id: int, neighbour_id: int) -> Explanation:
