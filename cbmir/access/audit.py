@@ -141,9 +141,7 @@ class AuditTrail:
 
     def __init__(self, store: Store):
         self._store = store
-        with store.writing() as db:
-            for statement in _SCHEMA:
-                db.execute(statement)
+        store.add_tables(_SCHEMA)
 
     def append(self, event: Event) -> AuditRecord:
         """Write one record, chained to the newest; an `AuditWriteError` when it cannot be written."""

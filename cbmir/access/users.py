@@ -92,21 +92,12 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_role(role: str) -> Role:
-    try:
-        return Role(role)
-    except ValueError:
-        raise UserError(f"role {role!r}: one of {', '.join(Role)}") from None
-
-
 class UserDirectory:
     """The users kept in one store, and the check of a token against them. Safe to share between threads."""
 
     def __init__(self, store: Store):
         self._store = store
-        with store.writing() as db:
-            for statement in _SCHEMA:
-                db.execute(statement)
+        store.add_tables(_SCHEMA)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
 
     def add(self, name: str, role: Role) -> str:

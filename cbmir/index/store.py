@@ -211,6 +211,13 @@ class Store:
     def _transaction(self):
         return _Transaction(self._db)
 
+    def add_tables(self, statements: Iterable[str]) -> None:
+        """Create the tables another module keeps in this file (`CREATE ... IF NOT EXISTS` statements), in
+        one transaction."""
+        with self.writing() as db:
+            for statement in statements:
+                db.execute(statement)
+
     @contextmanager
     def writing(self) -> Iterator[sqlite3.Connection]:
         """The connection inside one write transaction (committed at the end, rolled back on any error), for
