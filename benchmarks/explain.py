@@ -43,7 +43,7 @@ from cbmir.search import Retrieval
 from cbmir.service.catalog import Catalog
 from cbmir.service.explanations import Explanations
 from cbmir.train import make_config, train
-from common import RESULTS, OtherLoad, publish, saved_figure
+from common import OtherLoad, publish, saved_figure
 from indexer.pipeline import index_records
 
 SPLIT = (0.7, 0.1, 0.2)
@@ -104,11 +104,12 @@ def run(args) -> dict:
                 explanations.by_id(query, nearest)
                 cached.append((time.perf_counter() - timed) * 1e3)
         sanity = sanity_checks(catalog, explanations.explainer(), checkpoint.model, pairs)
-        examples(catalog, explanations, pairs[:EXAMPLES])
+        examples(catalog, explanations, pairs[:EXAMPLES], args.work / FIGURE)
         runtime = retrieval.embedder.runtime_description
         retrieval.close()
     return {
         "dataset": dataset.name,
+        "examples_figure": str(args.work / FIGURE),
         "pairs": len(pairs),
         "model": checkpoint.card["architecture"]["name"],
         "input_size": checkpoint.model.input_size,
@@ -163,11 +164,12 @@ def sanity_checks(catalog: Catalog, trained: Explainer, model, pairs: list[tuple
     }
 
 
-def examples(catalog: Catalog, explanations: Explanations, pairs: list[tuple[int, int, int]]) -> None:
-    """Each query and its nearest neighbour, thumbnails with the overlays the service answers."""
+def examples(catalog: Catalog, explanations: Explanations, pairs: list[tuple[int, int, int]], path: Path) -> None:
+    """Each query and its nearest neighbour, thumbnails with the overlays the service answers. Written to the
+    work folder, never to results/: the figure shows the development radiographs, which stay out of git."""
     import cv2
 
-    with saved_figure(RESULTS / FIGURE, nrows=len(pairs), ncols=4, figsize=(11, 2.9 * len(pairs))) as (_, axes):
+    with saved_figure(path, nrows=len(pairs), ncols=4, figsize=(11, 2.9 * len(pairs))) as (_, axes):
         for row, (query, nearest, _) in zip(np.atleast_2d(axes), pairs, strict=True):
             agreement = explanations.explainer().agreement(
                 catalog.prepare_indexed(catalog.row(query)), catalog.prepare_indexed(catalog.row(nearest))
@@ -232,7 +234,8 @@ def markdown(result: dict) -> str:
         "|---|---|",
         *(f"| {name} | {value} |" for name, value in checks),
         "",
-        f"![queries and nearest neighbours with their agreement overlays](benchmarks/results/{FIGURE})",
+        f"Queries and their nearest neighbours with the overlays are drawn to `{r['examples_figure']}` (not kept "
+        "in git: it shows the development radiographs).",
     ]
     return "\n".join(lines)
 
