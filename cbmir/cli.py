@@ -18,6 +18,8 @@ from cbmir.errors import CbmirError
 
 if TYPE_CHECKING:
     from cbmir.embed import Runtime
+    from cbmir.locations import Location
+    from cbmir.pacs import PacsSettings
     from cbmir.service.settings import ServiceSettings
 
 app = typer.Typer(help="Content-based retrieval of radiographs.", no_args_is_help=True, add_completion=False)
@@ -376,10 +378,76 @@ def index(
 
 @app.command()
 @reports_errors
+def sync(
+    url: Annotated[
+        str,
+        typer.Argument(
+            help="DICOMweb base URL of the PACS (http://pacs:8042/dicom-web). Credentials come from "
+            "CBMIR_PACS_USER and CBMIR_PACS_PASSWORD, or CBMIR_PACS_TOKEN, never from the URL."
+        ),
+    ],
+    db: DbOption,
+    model: Annotated[Path, typer.Option(help="Checkpoint folder whose model embeds and predicts.")],
+    modality: Annotated[
+        list[str] | None,
+        typer.Option(help="A modality to index (repeatable; default CR and DX; 'any' for every modality)."),
+    ] = None,
+    study_dates: Annotated[
+        str | None, typer.Option(help="Studies in this DICOM date range: 20240101-20241231, 20240101-, -20231231.")
+    ] = None,
+    match: Annotated[
+        list[str] | None,
+        typer.Option(help="Only instances whose QIDO attribute equals a value, KEY=VALUE (repeatable)."),
+    ] = None,
+    dataset: Annotated[str, typer.Option(help="Dataset name the synced images are stored under.")] = "pacs",
+    workers: Annotated[int, typer.Option(min=1, help="Processes fetching, reading and preprocessing.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch and per write transaction.")] = 32,
+    runtime: RuntimeChoice = None,
+) -> None:
+    """Index the radiographs of a PACS over DICOMweb (QIDO-RS to find, WADO-RS to fetch). A re-run fetches
+    only instances not indexed yet; instances that cannot be taken go into the failure report."""
+    from cbmir.pacs import RADIOGRAPH_MODALITIES, Pacs, PacsSettings
+    from cbmir.search import Retrieval
+    from cbmir.settings import load_settings
+    from indexer.pacs import sync_pacs
+
+    attributes = dict(_key_value(item, "--match") for item in match or ())
+    modalities = tuple(m.upper() for m in modality) if modality else RADIOGRAPH_MODALITIES
+    pacs = Pacs(url, load_settings(PacsSettings))
+    _start_torch()
+    embedder = _embedder(model, runtime, batch_size=batch_size)
+    with Retrieval.open(db, embedder) as retrieval:
+        summary = sync_pacs(
+            pacs,
+            retrieval,
+            dataset=dataset,
+            modalities=() if "ANY" in modalities else modalities,
+            study_dates=study_dates,
+            attributes=attributes,
+            workers=workers,
+            batch_size=batch_size,
+            max_pixels=_settings().max_pixels,
+        )
+        typer.echo(summary.text())
+        if summary.failed:
+            typer.echo(f"failure report: cbmir db failures --db {db}")
+
+
+def _key_value(text: str, option: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip() or not value.strip():
+        raise CbmirError(f"{option} {text!r}: expected KEY=VALUE, e.g. BodyPartExamined=CHEST")
+    return key.strip(), value.strip()
+
+
+@app.command()
+@reports_errors
 def search(
-    image: Annotated[Path, typer.Argument(help="Query radiograph (PNG, JPEG, TIFF, BMP or DICOM).")],
     db: DbOption,
     model: Annotated[Path, typer.Option(help="Checkpoint folder the index was built with.")],
+    image: Annotated[
+        Path | None, typer.Argument(help="Query radiograph (PNG, JPEG, TIFF, BMP or DICOM); or give --pacs-instance.")
+    ] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Number of neighbours.")] = 10,
     anatomy: Annotated[str | None, typer.Option(help="IRMA anatomical prefix, e.g. 9 (any leg region).")] = None,
     biology: Annotated[str | None, typer.Option(help="IRMA biological prefix, e.g. 7 (musculoskeletal).")] = None,
@@ -393,11 +461,20 @@ def search(
     label: Annotated[str | None, typer.Option(help="Only images with this label or finding.")] = None,
     tables: TablesOption = None,
     runtime: RuntimeChoice = None,
+    pacs_instance: Annotated[
+        str | None,
+        typer.Option(
+            help="Search by an image on the PACS at $CBMIR_PACS_URL instead of a file: STUDY/SERIES/INSTANCE UIDs."
+        ),
+    ] = None,
 ) -> None:
-    """Find the radiographs most similar to IMAGE, with the predicted code in words."""
+    """Find the radiographs most similar to IMAGE (or to a PACS image), with the predicted code in words."""
+    from cbmir.datasets import read_pixels
     from cbmir.imaging.io import read_image
     from cbmir.index import Filters
+    from cbmir.pacs import PacsSettings
     from cbmir.search import Retrieval
+    from cbmir.settings import load_settings
 
     filters = Filters(
         technical=technical,
@@ -412,7 +489,13 @@ def search(
     code_tables = _tables(tables)
     _start_torch()
     embedder = _embedder(model, runtime)  # a model that cannot run is reported before the image is read
-    pixels = read_image(image, max_pixels=_settings().max_pixels).pixels
+    pacs = load_settings(PacsSettings)
+    if (image is None) == (pacs_instance is None):
+        raise CbmirError("give either IMAGE or --pacs-instance STUDY/SERIES/INSTANCE")
+    if image is not None:
+        pixels = read_image(image, max_pixels=_settings().max_pixels).pixels
+    else:
+        pixels = read_pixels(_pacs_location(pacs, str(pacs_instance)), max_pixels=_settings().max_pixels)
     with Retrieval.open(_existing_index(db), embedder) as retrieval:
         result = retrieval.search_image(pixels, k, filters)
     prediction, hits = result.prediction, result.hits
@@ -426,6 +509,24 @@ def search(
     for rank, hit in enumerate(hits, 1):
         shown = hit.true_code or f"predicted {hit.predicted}"
         typer.echo(f"{rank:>3}. score {hit.score:.4f}  id {hit.id:<7} {shown:<28} {hit.location}")
+        link = pacs.viewer_link_of(hit.extra)
+        if link:
+            typer.echo(f"     viewer: {link}")
+
+
+def _pacs_location(pacs: PacsSettings, uids: str) -> Location:
+    """The location of STUDY/SERIES/INSTANCE on the configured PACS."""
+    from cbmir.locations import Location, LocationError
+
+    if pacs.pacs_url is None:
+        raise CbmirError("no PACS configured: set CBMIR_PACS_URL to its DICOMweb base URL")
+    parts = uids.strip().split("/")
+    if len(parts) != 3:
+        raise CbmirError(f"--pacs-instance {uids!r}: expected STUDY/SERIES/INSTANCE UIDs separated by '/'")
+    try:
+        return Location.pacs(pacs.pacs_url, *parts)
+    except LocationError as error:
+        raise CbmirError(f"--pacs-instance {uids!r}: {error}") from None
 
 
 @app.command()

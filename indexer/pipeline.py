@@ -19,10 +19,12 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -30,14 +32,29 @@ from tqdm import tqdm
 from cbmir.datasets import Record, load_pixels
 from cbmir.embed import batches
 from cbmir.errors import CbmirError
-from cbmir.imaging.io import DEFAULT_MAX_PIXELS, read_file, read_image
+from cbmir.imaging.io import DEFAULT_MAX_PIXELS, read_dicom, read_file, read_image
 from cbmir.imaging.listing import IMAGE_SUFFIXES, image_files
 from cbmir.imaging.preprocess import Preprocessing, PreprocessingError
-from cbmir.locations import Location
+from cbmir.locations import Location, PacsInstance
+from cbmir.pacs import PacsAuthError, PacsError, PacsSettings, PacsUnavailableError, pacs_client
 from cbmir.search import PreparedImage, Retrieval
 
-# DICOM tags safe to keep beside an image: technical, never patient-identifying.
-SAFE_DICOM_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation", "Manufacturer")
+T = TypeVar("T")
+
+# DICOM tags safe to keep beside an image: technical, never patient-identifying; the UIDs link to a viewer.
+SAFE_DICOM_TAGS = (
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "PhotometricInterpretation",
+    "Manufacturer",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+)
+# A PACS that failed this many fetches in a row, each after its retries, is taken to be down: the rest of
+# the run's instances are recorded as not fetched at once rather than each waiting out its retries.
+PACS_DOWN_AFTER = 3
 
 
 def dicom_tags(header: dict[str, str], keep: Sequence[str] = ()) -> dict[str, str]:
@@ -47,10 +64,10 @@ def dicom_tags(header: dict[str, str], keep: Sequence[str] = ()) -> dict[str, st
 
 @dataclass
 class Mapped:
-    """What a worker makes of one record: the image ready to store, or that its content is already indexed
+    """What a worker makes of one image: the image ready to store, or that its content is already indexed
     (`skipped`, with its hash), or why it failed."""
 
-    record: Record
+    location: Location
     content_hash: str | None = None
     prepared: PreparedImage | None = None
     failure: str | None = None
@@ -60,17 +77,19 @@ class Mapped:
 
 
 @dataclass(frozen=True)
-class _WorkerState:
+class WorkerState:
     present: frozenset[str]
     pipeline: Preprocessing
     dataset: str
     max_pixels: int
+    pacs: PacsSettings | None = None
+    pacs_failing: Synchronized | None = None  # PACS fetches failed in a row, shared by the workers
 
 
-_worker: _WorkerState | None = None
+_worker: WorkerState | None = None
 
 
-def _init_worker(state: _WorkerState) -> None:
+def _init_worker(state: WorkerState) -> None:
     global _worker
     _worker = state
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -90,12 +109,13 @@ def map_record(record: Record) -> Mapped:
     it is decoded; an unreadable file becomes a failure with its reason."""
     assert _worker is not None, "map_record runs in a worker started by index_records"
     started = time.perf_counter()
+    location = Location.of(record)
     try:
         if record.index is None:
             data = read_file(record.path)
             content_hash = hashlib.sha256(data).hexdigest()
             if content_hash in _worker.present:
-                return Mapped(record, content_hash, skipped=True, read_seconds=time.perf_counter() - started)
+                return Mapped(location, content_hash, skipped=True, read_seconds=time.perf_counter() - started)
             radiograph = read_image(data, name=str(record.path), max_pixels=_worker.max_pixels)
             pixels = radiograph.pixels
             extra = dicom_tags(radiograph.meta.dicom)
@@ -103,28 +123,68 @@ def map_record(record: Record) -> Mapped:
             pixels = load_pixels(record)
             content_hash = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
             if content_hash in _worker.present:
-                return Mapped(record, content_hash, skipped=True, read_seconds=time.perf_counter() - started)
+                return Mapped(location, content_hash, skipped=True, read_seconds=time.perf_counter() - started)
             extra = {}
     except (CbmirError, OSError) as error:  # an unreadable file or archive member: a failure, never a stop
         reason = str(error) if isinstance(error, CbmirError) else f"cannot read {record.path}: {error.strerror}"
-        return Mapped(record, failure=reason, read_seconds=time.perf_counter() - started)
+        return Mapped(location, failure=reason, read_seconds=time.perf_counter() - started)
+    return _prepare(location, content_hash, pixels, tuple(record.labels), {**dict(record.extra), **extra}, started)
+
+
+def map_instance(instance: PacsInstance) -> Mapped:
+    """Fetch, read and preprocess one PACS instance (in a worker process). Its content hash is that of its
+    pixels, which do not depend on the transfer syntax it came in. A fetch or read that fails is a failure
+    with its reason; refused credentials (`PacsAuthError`) stop the run."""
+    assert _worker is not None and _worker.pacs is not None and _worker.pacs_failing is not None
+    started = time.perf_counter()
+    location = Location(instance=instance)
+    if _worker.pacs_failing.value >= PACS_DOWN_AFTER:
+        reason = f"{location}: not fetched: {instance.server} failed {PACS_DOWN_AFTER} fetches in a row"
+        return Mapped(location, failure=reason)
+    try:
+        dataset = pacs_client(instance.server, _worker.pacs).fetch(instance)
+    except PacsUnavailableError as error:
+        with _worker.pacs_failing.get_lock():
+            _worker.pacs_failing.value += 1
+        return Mapped(location, failure=str(error), read_seconds=time.perf_counter() - started)
+    except PacsAuthError:
+        raise
+    except PacsError as error:
+        return Mapped(location, failure=str(error), read_seconds=time.perf_counter() - started)
+    _worker.pacs_failing.value = 0
+    try:
+        radiograph = read_dicom(dataset, name=str(location), max_pixels=_worker.max_pixels)
+    except CbmirError as error:
+        return Mapped(location, failure=str(error), read_seconds=time.perf_counter() - started)
+    content_hash = hashlib.sha256(np.ascontiguousarray(radiograph.pixels).tobytes()).hexdigest()
+    if content_hash in _worker.present:
+        return Mapped(location, content_hash, skipped=True, read_seconds=time.perf_counter() - started)
+    return _prepare(location, content_hash, radiograph.pixels, (), dicom_tags(radiograph.meta.dicom), started)
+
+
+def _prepare(
+    location: Location, content_hash: str, pixels: np.ndarray, labels: tuple[str, ...], extra: dict, started: float
+) -> Mapped:
+    """The image read, preprocessed with the model's pipeline; an image the model cannot take (a 100000 x 1
+    strip) is a failure too."""
+    assert _worker is not None
     read_done = time.perf_counter()
     try:
         model_input = _worker.pipeline(pixels)
-    except PreprocessingError as error:  # an image the model cannot take (a 100000 x 1 strip): a failure too
-        return Mapped(record, content_hash, failure=f"{Location.of(record)}: {error}", read_seconds=read_done - started)
+    except PreprocessingError as error:
+        return Mapped(location, content_hash, failure=f"{location}: {error}", read_seconds=read_done - started)
     prepared = PreparedImage(
-        Location.of(record),
+        location,
         content_hash,
         model_input,
         width=int(pixels.shape[1]),
         height=int(pixels.shape[0]),
         dataset=_worker.dataset,
-        labels=tuple(record.labels),
-        extra={**dict(record.extra), **extra},
+        labels=labels,
+        extra=extra,
     )
     return Mapped(
-        record,
+        location,
         content_hash,
         prepared,
         read_seconds=read_done - started,
@@ -174,11 +234,28 @@ def index_records(
 ) -> Summary:
     """Index `records` into `retrieval`'s index with its model; returns the run's summary. An image file
     above `max_pixels` is a failure, found in its header before decoding."""
-    summary, started = Summary(), time.perf_counter()
-    state = _WorkerState(frozenset(retrieval.engine.content_hashes()), retrieval.embedder.pipeline, dataset, max_pixels)
-    bar = tqdm(total=len(records), desc="index", unit="img", disable=not progress)
+    state = WorkerState(frozenset(retrieval.engine.content_hashes()), retrieval.embedder.pipeline, dataset, max_pixels)
+    return run_stages(records, map_record, state, retrieval, workers=workers, batch_size=batch_size, progress=progress)
+
+
+def run_stages(
+    items: Sequence[T],
+    mapper: Callable[[T], Mapped],
+    state: WorkerState,
+    retrieval: Retrieval,
+    *,
+    workers: int,
+    batch_size: int,
+    progress: bool,
+    summary: Summary | None = None,
+) -> Summary:
+    """The stages after listing: `mapper` in `workers` processes (given `state`), then the model and the
+    store in batches of `batch_size`, adding to `summary`."""
+    summary = summary or Summary()
+    started = time.perf_counter()
+    bar = tqdm(total=len(items), desc="index", unit="img", disable=not progress)
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(state,)) as pool:
-        mapped = pool.map(map_record, records, chunksize=4)
+        mapped = pool.map(mapper, items, chunksize=4)
         for batch in batches(mapped, batch_size):
             for item in batch:
                 summary.seconds["read"] += item.read_seconds
@@ -187,12 +264,12 @@ def index_records(
             bar.update(len(batch))
             bar.set_postfix(indexed=summary.indexed, skipped=summary.skipped, failed=sum(summary.failed.values()))
     bar.close()
-    summary.wall_seconds = time.perf_counter() - started
+    summary.wall_seconds += time.perf_counter() - started
     return summary
 
 
 def _write_batch(batch: list[Mapped], retrieval: Retrieval, summary: Summary) -> None:
-    failures = [(str(Location.of(item.record)), item.failure) for item in batch if item.failure]
+    failures = [(str(item.location), item.failure) for item in batch if item.failure]
     for _, reason in failures:
         summary.failed[failure_kind(reason)] += 1
     fresh = [item.prepared for item in batch if item.prepared is not None]

@@ -55,6 +55,10 @@ _DICOM_TAGS = (
     "Manufacturer",
     "ManufacturerModelName",
     "SOPClassUID",
+    # Where the image is in a PACS (for links to its viewer). UIDs name no patient; they are not de-identified.
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
     "BitsAllocated",
     "BitsStored",
     "PixelRepresentation",
@@ -422,6 +426,16 @@ def _read_dicom(stream: BinaryIO, source: str, max_pixels: int, *, has_preamble:
         if isinstance(exc, EOFError):
             raise TruncatedImageError(source, f"DICOM data set ends early ({_one_line(exc)})") from exc
         raise ImageReadError(source, f"DICOM data set cannot be parsed ({_one_line(exc)})") from exc
+    return _dataset_to_radiograph(ds, source, max_pixels, has_preamble)
+
+
+def read_dicom(ds: Dataset, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radiograph:
+    """The radiograph in a DICOM data set already parsed (one received over the network), read as a DICOM
+    file is; `ImageReadError` (or a subclass) naming `name` and the reason when it holds none."""
+    return _dataset_to_radiograph(ds, name, max_pixels, has_preamble=True)
+
+
+def _dataset_to_radiograph(ds: Dataset, source: str, max_pixels: int, has_preamble: bool) -> Radiograph:
     try:
         return _dicom_to_radiograph(ds, source, max_pixels, has_preamble)
     except (ImageReadError, MemoryError):

@@ -278,6 +278,10 @@ class Engine:
         """Which of these content hashes are already indexed (lower case)."""
         return self._store.hashes_present(hashes)
 
+    def locations_present(self, locations: Iterable[str]) -> set[str]:
+        """Which of these location texts are already indexed."""
+        return self._store.locations_present(locations)
+
     def query(self, filters: Filters | None = None) -> np.ndarray:
         """The ids (sorted int64) of the images that pass `filters` (all images without)."""
         return self._store.query(filters or Filters())

@@ -151,6 +151,7 @@ _SCHEMA = [
         added_at TEXT NOT NULL,
         {", ".join(f"{column} TEXT" for column in _CODE_COLUMNS)})""",
     "CREATE INDEX IF NOT EXISTS images_dataset ON images (dataset)",
+    "CREATE INDEX IF NOT EXISTS images_location ON images (location)",
     *(f"CREATE INDEX IF NOT EXISTS images_{column} ON images ({column})" for column in _CODE_COLUMNS),
     """CREATE TABLE IF NOT EXISTS image_labels (
         label TEXT NOT NULL COLLATE NOCASE,
@@ -435,6 +436,19 @@ class Store:
             for chunk in _chunks(wanted):
                 cursor = self._db.execute(
                     "SELECT content_hash FROM images WHERE content_hash IN (SELECT value FROM json_each(?))",
+                    (json.dumps(list(chunk)),),
+                )
+                present.update(row[0] for row in cursor)
+        return present
+
+    def locations_present(self, locations: Iterable[str]) -> set[str]:
+        """Which of these location texts an indexed image has (a PACS sync's "already fetched")."""
+        wanted = sorted(set(locations))
+        present: set[str] = set()
+        with self._lock:
+            for chunk in _chunks(wanted):
+                cursor = self._db.execute(
+                    "SELECT location FROM images WHERE location IN (SELECT value FROM json_each(?))",
                     (json.dumps(list(chunk)),),
                 )
                 present.update(row[0] for row in cursor)
