@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -431,6 +432,57 @@ def sync(
         typer.echo(summary.text())
         if summary.failed:
             typer.echo(f"failure report: cbmir db failures --db {db}")
+
+
+@app.command()
+@reports_errors
+def listen(
+    db: DbOption,
+    model: Annotated[Path, typer.Option(help="Checkpoint folder whose model embeds and predicts.")],
+    ae_title: Annotated[str, typer.Option(help="This node's AE title, as the senders address it.")] = "CBMIR",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="DICOM port.")] = 11112,
+    dataset: Annotated[str, typer.Option(help="Dataset name the received images are stored under.")] = "received",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch and per write transaction.")] = 16,
+    runtime: RuntimeChoice = None,
+) -> None:
+    """Receive radiographs pushed by DICOM C-STORE and index each as it arrives, until interrupted (Ctrl-C).
+    An image is acknowledged only once it is on disk; what cannot be indexed is refused and reported."""
+    import signal
+
+    from cbmir.search import Retrieval
+    from indexer.listener import Listener
+
+    if not 1 <= len(ae_title.strip()) <= 16:
+        raise CbmirError(f"--ae-title {ae_title!r}: an AE title has 1 to 16 characters")
+    _start_torch()
+    embedder = _embedder(model, runtime, batch_size=batch_size)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with (
+        Retrieval.open(db, embedder) as retrieval,
+        Listener(
+            retrieval,
+            ae_title=ae_title.strip(),
+            host=host,
+            port=port,
+            dataset=dataset,
+            batch_size=batch_size,
+            max_pixels=_settings().max_pixels,
+        ) as listener,
+    ):
+        typer.echo(f"cbmir: listening as {ae_title.strip()} on {host}:{port}, indexing into {db} (Ctrl-C stops)")
+        try:
+            while not stop.wait(10):
+                stats = listener.stats
+                typer.echo(
+                    f"received {stats.received}, refused {stats.refused}, indexed {stats.summary.indexed}, "
+                    f"failed {sum(stats.summary.failed.values())}"
+                )
+        except KeyboardInterrupt:
+            pass
+        typer.echo("stopping: indexing what was received")
+    typer.echo(listener.stats.summary.text())
 
 
 def _key_value(text: str, option: str) -> tuple[str, str]:

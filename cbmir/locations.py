@@ -66,6 +66,11 @@ class ArchiveMember:
         return f"{self.split}/{self.index}"
 
 
+def is_uid(text: object) -> bool:
+    """Whether `text` is a DICOM UID: digits and dots, at most 64 characters."""
+    return isinstance(text, str) and len(text) <= 64 and _UID_TEXT.fullmatch(text) is not None
+
+
 @dataclass(frozen=True)
 class PacsInstance:
     """One DICOM instance on the DICOMweb server at `server` (its base URL, without credentials), named by
@@ -83,7 +88,7 @@ class PacsInstance:
                 f"DICOMweb server {self.server!r} is not an http(s) URL without credentials, query or fragment"
             )
         for field, uid in (("study", self.study), ("series", self.series), ("instance", self.sop)):
-            if not isinstance(uid, str) or len(uid) > 64 or not _UID_TEXT.fullmatch(uid):
+            if not is_uid(uid):
                 raise LocationError(f"{field} UID {uid!r} is not a DICOM UID (digits and dots, at most 64)")
 
     @property

@@ -19,8 +19,9 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
@@ -249,13 +250,22 @@ def run_stages(
     progress: bool,
     summary: Summary | None = None,
 ) -> Summary:
-    """The stages after listing: `mapper` in `workers` processes (given `state`), then the model and the
-    store in batches of `batch_size`, adding to `summary`."""
+    """The stages after listing: `mapper` in `workers` processes given `state` (0: in this thread, for a
+    caller that maps few images at a time), then the model and the store in batches of `batch_size`, adding
+    to `summary`."""
     summary = summary or Summary()
     started = time.perf_counter()
     bar = tqdm(total=len(items), desc="index", unit="img", disable=not progress)
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(state,)) as pool:
-        mapped = pool.map(mapper, items, chunksize=4)
+    with ExitStack() as stack:
+        if workers:
+            pool = stack.enter_context(
+                ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(state,))
+            )
+            mapped: Iterator[Mapped] = pool.map(mapper, items, chunksize=4)
+        else:
+            global _worker
+            _worker = state
+            mapped = map(mapper, items)
         for batch in batches(mapped, batch_size):
             for item in batch:
                 summary.seconds["read"] += item.read_seconds

@@ -43,7 +43,7 @@ _LUMA = (0.299, 0.587, 0.114)
 
 # DICOM tags copied into ImageMeta.dicom. Technical tags only: nothing that identifies a patient, and no
 # free-text descriptions (they sometimes carry names or dates).
-_DICOM_TAGS = (
+TECHNICAL_DICOM_TAGS = (
     "Modality",
     "BodyPartExamined",
     "ViewPosition",
@@ -153,7 +153,7 @@ class ImageMeta:
     photometric: str
     """DICOM PhotometricInterpretation as stored (before inversion), else the Pillow mode ("L", "RGB", "I;16")."""
     dicom: dict[str, str]
-    """Technical DICOM tags that are present (see ``_DICOM_TAGS``), plus TransferSyntaxUID; empty otherwise."""
+    """Technical DICOM tags that are present (see ``TECHNICAL_DICOM_TAGS``), plus TransferSyntaxUID; empty otherwise."""
 
 
 @dataclass(frozen=True)
@@ -598,7 +598,7 @@ def _modality_range(ds: Dataset) -> tuple[float, float]:
 
 def _dicom_tags(ds: Dataset, tsuid: UID) -> dict[str, str]:
     tags: dict[str, str] = {}
-    for keyword in _DICOM_TAGS:
+    for keyword in TECHNICAL_DICOM_TAGS:
         value = ds.get(keyword)
         if value is None or value == "":
             continue
