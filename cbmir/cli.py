@@ -458,7 +458,8 @@ def listen(
     _start_torch()
     embedder = _embedder(model, runtime, batch_size=batch_size)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for stopping in (signal.SIGTERM, signal.SIGINT):  # also when started in the background, where Ctrl-C is ignored
+        signal.signal(stopping, lambda *_: stop.set())
     with (
         Retrieval.open(db, embedder) as retrieval,
         Listener(
@@ -472,15 +473,16 @@ def listen(
         ) as listener,
     ):
         typer.echo(f"cbmir: listening as {ae_title.strip()} on {host}:{port}, indexing into {db} (Ctrl-C stops)")
-        try:
-            while not stop.wait(10):
-                stats = listener.stats
-                typer.echo(
-                    f"received {stats.received}, refused {stats.refused}, indexed {stats.summary.indexed}, "
-                    f"failed {sum(stats.summary.failed.values())}"
-                )
-        except KeyboardInterrupt:
-            pass
+        shown = ""
+        while not stop.wait(5):  # progress: a line whenever something arrived
+            stats = listener.stats
+            line = (
+                f"received {stats.received}, refused {stats.refused}, indexed {stats.summary.indexed}, "
+                f"failed {sum(stats.summary.failed.values())}"
+            )
+            if line != shown:
+                typer.echo(line)
+                shown = line
         typer.echo("stopping: indexing what was received")
     typer.echo(listener.stats.summary.text())
 
