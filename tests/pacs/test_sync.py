@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -26,6 +27,7 @@ from cbmir.index import Engine, Filters
 from cbmir.locations import Location, PacsInstance
 from cbmir.pacs import Pacs, PacsError, PacsNotFoundError, PacsSettings, PacsUnavailableError
 from cbmir.search import Retrieval
+from cbmir.service.catalog import THUMBNAILS, Catalog
 from indexer.pacs import sync_pacs
 from indexer.pipeline import Summary, index_records, read_archive
 from tests.conftest import small_checkpoint
@@ -138,15 +140,29 @@ def test_modality_and_study_date_filters_choose_what_is_synced(loaded, generated
         assert [row.extra["SOPInstanceUID"] for row in engine.get(engine.query(Filters()))] == [generated_dicoms[0].sop]
 
 
-def test_no_patient_identifying_tag_reaches_the_index(loaded, model, tmp_path):
-    sync(loaded, tmp_path / "db", model)[1].close()
-    with sqlite3.connect(tmp_path / "db" / "store.sqlite") as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    for path in (tmp_path / "db").rglob("*"):
+def test_no_patient_identifying_tag_reaches_the_index_or_its_thumbnails(loaded, model, tmp_path, monkeypatch):
+    db = tmp_path / "db"
+    sync(loaded, db, model)[1].close()
+    monkeypatch.setenv("CBMIR_PACS_USER", loaded.user)  # thumbnails fetch the pixels again, with these
+    monkeypatch.setenv("CBMIR_PACS_PASSWORD", loaded.password)
+    with Retrieval.open(db, Embedder.load(model)) as retrieval:
+        catalog = Catalog(retrieval, None, max_pixels=10**7, max_decoding=1)
+        for image_id in retrieval.engine.query(Filters()):
+            assert read_grey_bytes(catalog.thumbnail(int(image_id))).size > 0
+    assert len(list((db / THUMBNAILS).glob("*.png"))) == len(loaded.instances()) - 3
+    with sqlite3.connect(db / "store.sqlite") as store:
+        store.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for path in db.rglob("*"):
         if path.is_file():
             content = path.read_bytes()
             for secret in SECRETS:
                 assert secret.encode() not in content, f"{secret} found in {path}"
+
+
+def read_grey_bytes(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert image is not None, "not a PNG"
+    return image
 
 
 def many_instances(generated_dicoms: list[TestDicom], folder: Path, count: int) -> list[Path]:
