@@ -11,7 +11,7 @@ import pytest
 from cbmir.datasets import Record, load_pixels, read_medmnist, read_pixels
 from cbmir.errors import CbmirError
 from cbmir.imaging.io import ImageTooLargeError
-from cbmir.locations import ArchiveMember, Location, LocationError
+from cbmir.locations import ArchiveMember, Location, LocationError, PacsInstance
 
 
 def test_file_location_text_round_trip_and_name(tmp_path):
@@ -82,3 +82,35 @@ def test_read_pixels_of_a_file_and_of_an_archive_member(tmp_path):
     record = read_medmnist(npz).records[1]
     assert Location.of(record) == member
     np.testing.assert_array_equal(load_pixels(record), image[::-1])
+
+
+def test_pacs_location_text_round_trip_and_name():
+    location = Location.pacs("http://pacs:8042/dicom-web/", "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    text = "dicomweb+http://pacs:8042/dicom-web/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5"
+    assert str(location) == text and Location.parse(text) == location
+    assert (location.kind, location.is_file, location.name) == ("pacs", False, "1.2.3.4.5")
+    assert location.instance is not None and location.instance.server == "http://pacs:8042/dicom-web"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("dicomweb+http://pacs/dicom-web/studies/1.2/series/1.3", "not a DICOMweb instance URL"),
+        ("dicomweb+http://pacs/studies/1.2/series/x.3/instances/1.4", "not a DICOMweb instance URL"),
+        ("dicomweb+http://alice:secret@pacs/studies/1.2/series/1.3/instances/1.4", "without credentials"),
+        ("dicomweb+ftp://pacs/studies/1.2/series/1.3/instances/1.4", "not a DICOMweb instance URL"),
+    ],
+)
+def test_bad_pacs_location_text_is_refused_naming_it(text, reason):
+    with pytest.raises(LocationError, match=reason) as caught:
+        Location.parse(text)
+    assert text in str(caught.value)
+
+
+def test_a_pacs_uid_must_be_a_dicom_uid():
+    with pytest.raises(LocationError, match="instance UID '1.2.abc'"):
+        Location.pacs("http://pacs/dicom-web", "1.2", "1.3", "1.2.abc")
+    with pytest.raises(LocationError, match="study UID"):
+        Location.pacs("http://pacs/dicom-web", "1." * 40, "1.3", "1.4")
+    with pytest.raises(LocationError, match="no file path"):
+        Location(instance=PacsInstance("http://pacs", "1", "2", "3"), path=Path("/a.png"))
