@@ -71,6 +71,11 @@ def is_uid(text: object) -> bool:
     return isinstance(text, str) and len(text) <= 64 and _UID_TEXT.fullmatch(text) is not None
 
 
+def without_credentials(text: str) -> str:
+    """`text` with the user and password of any URL in it masked, as messages show it."""
+    return re.sub(r"//[^/@\s]*@", "//***@", text)
+
+
 @dataclass(frozen=True)
 class PacsInstance:
     """One DICOM instance on the DICOMweb server at `server` (its base URL, without credentials), named by
@@ -85,7 +90,8 @@ class PacsInstance:
         object.__setattr__(self, "server", self.server.rstrip("/"))
         if not re.fullmatch(r"https?://[^/?#@\s]+(/[^?#@\s]*)?", self.server):
             raise LocationError(
-                f"DICOMweb server {self.server!r} is not an http(s) URL without credentials, query or fragment"
+                f"DICOMweb server {without_credentials(self.server)!r} is not an http(s) URL without "
+                "credentials, query or fragment"
             )
         for field, uid in (("study", self.study), ("series", self.series), ("instance", self.sop)):
             if not is_uid(uid):
@@ -153,7 +159,7 @@ class Location:
             member = ArchiveMember(cast(Split, found["split"]), int(found["index"]))  # which checks the split
             return cls(Path(text[: found.start()]), member)
         except LocationError as error:
-            raise LocationError(f"location {text!r}: {error}") from None
+            raise LocationError(f"location {without_credentials(text)!r}: {error}") from None
 
     def __str__(self) -> str:
         if self.instance is not None:

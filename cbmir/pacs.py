@@ -138,6 +138,9 @@ class Pacs:
             raise PacsError(str(error)) from None
         self.settings = settings
         session = requests.Session()
+        # DICOM pixels barely compress, and a server gzipping every instance costs more CPU than the
+        # network saves (Orthanc: ~7 ms an instance, a third of the sync's rate on this machine).
+        session.headers["Accept-Encoding"] = "identity"
         if settings.pacs_token is not None:
             session.headers["Authorization"] = f"Bearer {settings.pacs_token.get_secret_value()}"
         elif settings.pacs_user is not None:

@@ -43,6 +43,7 @@ TRACKED_CLIENTS = 10_000
 ROUTE_ROLES: dict[str, Role] = {
     "GET /v1/me": Role.reader,
     "POST /v1/search": Role.reader,
+    "POST /v1/search/pacs": Role.reader,
     "GET /v1/images/{image_id}/similar": Role.reader,
     "GET /v1/images/{image_id}/explain": Role.reader,
     "POST /v1/explain": Role.reader,

@@ -1,5 +1,6 @@
 """The service's domain: the indexed images as radiologists and annotators see them (names, codes in words,
-thumbnails, originals), searching by an upload, adding uploads, removing images and recording true codes.
+thumbnails, originals), searching by an upload or by a DICOM data set fetched from a PACS (fetched by
+`cbmir.service.pacs_search`), adding uploads, removing images and recording true codes.
 
 It raises domain errors (`UnknownImageError`, `InvalidCodeError`, `OriginalUnavailableError`,
 `OriginalsDisabledError`, the reader's `ImageReadError`s and `PreprocessingError`s for bad uploads, and
@@ -10,10 +11,11 @@ Requests race removals, and each sees one state of the index: a search's hits co
 (vectors and rows under the engine's lock), a thumbnail is answered with its bytes and an original with a
 file opened while its image was still indexed, so a removal after that cannot break an answer; an image
 removed meanwhile is an `UnknownImageError` (or, its file gone, an `OriginalUnavailableError`), and no
-thumbnail outlives its image. At most `max_decoding` images are decoded at once (uploads read and prepared
-for the model, thumbnails made; the others wait for a slot): decoding takes memory in proportion to an
-image's pixels, so the service's memory is bounded however many uploads arrive together. The pixels never
-outlive the slot (`Decoded` holds what does), so a request waiting for the model holds only its model input.
+thumbnail outlives its image. At most `max_decoding` images are decoded at once (uploads and PACS images
+read and prepared for the model, thumbnails made; the others wait for a slot): decoding takes memory in
+proportion to an image's pixels, so the service's memory is bounded however many uploads arrive together. The
+pixels never outlive the slot (`Decoded` holds what does), so a request waiting for the model holds only its
+model input.
 
 A search may be refined (`cbmir.refine`): by a region, cropped from the original pixels (of the upload, or of
 an indexed image read again, in a decoding slot too) before the model's preprocessing; and by images marked
@@ -38,11 +40,12 @@ from typing import BinaryIO
 
 import cv2
 import numpy as np
+from pydicom.dataset import Dataset
 
 from cbmir.datasets import read_pixels
 from cbmir.errors import CbmirError
 from cbmir.files import remove_temporaries, write_atomically
-from cbmir.imaging.io import ImageMeta, Radiograph, read_image
+from cbmir.imaging.io import ImageMeta, Radiograph, read_dicom, read_image
 from cbmir.imaging.listing import IMAGE_SUFFIXES
 from cbmir.imaging.preprocess import PreprocessingError, to_uint8, to_uint16
 from cbmir.index import DuplicateImageError, Filters, Hit, ImageRow, UnknownImageError
@@ -233,18 +236,23 @@ class Catalog:
         except OSError:
             raise unavailable from None
 
-    def read_upload(self, name: str, data: bytes) -> Radiograph:
-        """The radiograph in an uploaded file; an `ImageReadError` says why not. Only `decode` calls it."""
+    def read_query(self, name: str, data: bytes | Dataset) -> Radiograph:
+        """The radiograph in an uploaded file or in a DICOM data set fetched from a PACS; an `ImageReadError`
+        naming `name` says why not. Only `decode` calls it."""
+        if isinstance(data, Dataset):
+            return read_dicom(data, name=name, max_pixels=self.max_pixels)
         return read_image(data, name=name, max_pixels=self.max_pixels)
 
-    def decode(self, name: str, data: bytes, *, storing: bool = False, region: Region | None = None) -> Decoded:
-        """An uploaded file read and prepared for the model in one of the `max_decoding` slots (waiting for
-        one while all are taken; released on any error). An `ImageReadError` or a `PreprocessingError`
-        naming the file says why it cannot be used. `storing`: also make what is stored of a DICOM file.
-        `region`: prepare that region of the image only (a `RefinementError` when it does not fit); the
-        size is still the whole image's."""
+    def decode(
+        self, name: str, data: bytes | Dataset, *, storing: bool = False, region: Region | None = None
+    ) -> Decoded:
+        """An uploaded file (or a fetched DICOM data set) read and prepared for the model in one of the
+        `max_decoding` slots (waiting for one while all are taken; released on any error). An
+        `ImageReadError` or a `PreprocessingError` naming it says why it cannot be used. `storing`: also make
+        what is stored of a DICOM file. `region`: prepare that region of the image only (a `RefinementError`
+        when it does not fit); the size is still the whole image's."""
         with self._decoding:
-            radiograph = self.read_upload(name, data)
+            radiograph = self.read_query(name, data)
             model_input = self._prepare(name, radiograph.pixels, region)
             dicom = storing and radiograph.meta.source_format == "dicom"
             return Decoded(
@@ -271,18 +279,18 @@ class Catalog:
 
     # -- searching --------------------------------------------------------------------------------------
 
-    def search_upload(
+    def search_image(
         self,
         name: str,
-        data: bytes,
+        data: bytes | Dataset,
         k: int,
         filters: Filters,
         *,
         region: Region | None = None,
         feedback: Feedback | None = None,
     ) -> tuple[Decoded, SearchResult]:
-        """An uploaded radiograph as decoded, and the prediction and k nearest images of it (or of its
-        `region`), refined by `feedback`."""
+        """A query radiograph (an uploaded file or a fetched DICOM data set) as decoded, and the prediction
+        and k nearest images of it (or of its `region`), refined by `feedback`."""
         decoded = self.decode(name, data, region=region)
         return decoded, self.retrieval.search_input(decoded.model_input, k, filters, feedback)
 

@@ -17,8 +17,10 @@ from cbmir.errors import CbmirError
 from cbmir.explain import ModelChangedError
 from cbmir.imaging.io import ImageReadError, ImageTooLargeError, NotAnImageError
 from cbmir.index import UnknownImageError
+from cbmir.pacs import PacsAuthError, PacsError, PacsNotFoundError, PacsUnavailableError
 from cbmir.refine import RefinementError
 from cbmir.service.catalog import InvalidCodeError, OriginalsDisabledError, OriginalUnavailableError
+from cbmir.service.pacs_search import PacsNotConfiguredError, UnusableInstanceError
 from cbmir.service.schemas import ErrorOut
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,15 @@ STATUS_OF: tuple[tuple[type[CbmirError], int], ...] = (
     (OriginalUnavailableError, 404),
     (OriginalsDisabledError, 403),
     (ModelChangedError, 503),
+    (PacsNotConfiguredError, 503),
+    (PacsNotFoundError, 404),
+    (PacsAuthError, 502),  # the PACS refused this server's credentials: the caller's own are fine
+    (PacsUnavailableError, 504),
+    (PacsError, 502),  # any other answer of the PACS that cannot be used
     (ImageTooLargeError, 413),
     (NotAnImageError, 415),
     (ImageReadError, 422),
+    (UnusableInstanceError, 422),
     (InvalidCodeError, 422),
     (RefinementError, 422),  # a region outside its image, an unknown marked image
     (CbmirError, 422),  # any other bad input: a malformed filter, k or id
@@ -42,16 +50,20 @@ ERROR_MEANINGS = {
     400: "the request body cannot be parsed (a malformed multipart form or JSON)",
     401: "no valid bearer token",
     403: "not allowed to the caller's role, or by this server's settings (originals)",
-    404: "no such image, or its original is gone",
+    404: "no such image, or its original is gone; or (search by PACS image) no such instance on the PACS",
     408: "the request body stopped arriving",
     411: "the request gives no Content-Length",
     413: "the request body or the image is above the server's limit",
     415: "the upload is not an image format cbmir reads",
-    422: "a malformed field, filter, code or image, a region outside its image or an unknown marked image (the "
+    422: "a malformed field, filter, code or image, a region outside its image or an unknown marked image; or "
+    "(search by PACS image) malformed UIDs, or an instance that holds no single-frame image cbmir reads (the "
     "message names it)",
     429: "too many wrong tokens from this client: try again after Retry-After seconds",
+    502: "(search by PACS image) the PACS refused this server's credentials, or answered unusably",
     503: "the audit trail cannot be written, so nothing is answered; or (explanations) the checkpoint on disk is "
-    "no longer the model the server started with",
+    "no longer the model the server started with; or (search by PACS image) this server has no PACS configured",
+    504: "(search by PACS image) the PACS cannot be reached, or did not answer in time or kept failing, after "
+    "the configured retries",
 }
 
 
@@ -66,6 +78,7 @@ V1_ERRORS = documented(401, 403, 422, 429, 503)
 BODY_ERRORS = documented(400, 408, 411, 413)
 UPLOAD_ERRORS = {**BODY_ERRORS, **documented(415)}
 BY_ID_ERRORS = documented(404)
+PACS_ERRORS = {**BODY_ERRORS, **documented(404, 502, 503, 504)}
 
 
 def status_of(error: CbmirError) -> int:

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
@@ -156,6 +157,26 @@ def _ids(text: str | None) -> tuple[int, ...]:
     return tuple(int(value) for value in text.split(",")) if text else ()
 
 
+MAX_RESULTS = 200
+# A DICOM UID as `cbmir.locations.is_uid` takes it.
+UID_FORM = "a DICOM UID: digits and dots, at most 64 characters, e.g. 1.2.840.10008.5.1.4.1.1.1"
+Uid = Annotated[str, StringConstraints(pattern=r"^[0-9]+(?:\.[0-9]+)*$", max_length=64), explained(UID_FORM)]
+
+
+class PacsSearchIn(BaseModel):
+    """A search by an image on the server's PACS (``CBMIR_PACS_URL``): the instance's UIDs, and `k`, the
+    `filters` and the refinement (`refine`) as a search by upload takes them."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is refused, not silently ignored
+
+    study: Uid = Field(description=f"the Study Instance UID: {UID_FORM}")
+    series: Uid = Field(description=f"the Series Instance UID: {UID_FORM}")
+    instance: Uid = Field(description=f"the SOP Instance UID: {UID_FORM}")
+    k: int = Field(default=10, ge=1, le=MAX_RESULTS, description="how many similar images to answer")
+    filters: FilterParams = Field(default_factory=FilterParams)
+    refine: RefineParams = Field(default_factory=RefineParams)
+
+
 class AxisOut(BaseModel):
     axis: str
     code: str
@@ -192,8 +213,28 @@ class ImageOut(BaseModel):
     thumbnail_url: str
 
 
+class PacsOut(BaseModel):
+    """Where an image is on the PACS, from the UIDs kept when it was indexed or read from DICOM, and its link in
+    the viewer."""
+
+    study: str = Field(description="Study Instance UID")
+    series: str = Field(description="Series Instance UID")
+    instance: str = Field(description="SOP Instance UID")
+    viewer_url: str | None = Field(
+        description="the image in the viewer (CBMIR_VIEWER_URL with the UIDs filled in); null when the server "
+        "has no viewer configured"
+    )
+
+
+PACS = (
+    "where the image is on the PACS, with its viewer link, for an image that came from DICOM with its UIDs (from "
+    "a PACS, the DICOM listener, DICOM files or uploads); null for others"
+)
+
+
 class NeighbourOut(ImageOut):
     score: float
+    pacs: PacsOut | None = Field(description=PACS)
 
 
 class ImageDetailOut(ImageOut):
@@ -211,13 +252,15 @@ class RegionOut(BaseModel):
 
 
 class QueryOut(BaseModel):
-    """The query as searched: the image (uploaded: its name; indexed: its id and name) and its size, and how
-    the search was refined (the region searched, the images marked relevant and not)."""
+    """The query as searched: the image (uploaded: its name; indexed: its id and name; on the PACS: its SOP
+    Instance UID) and its size, where it is on the PACS, and how the search was refined (the region
+    searched, the images marked relevant and not)."""
 
     name: str | None = None
     id: int | None = None
     width: int
     height: int
+    pacs: PacsOut | None = Field(default=None, description=PACS)
     region: RegionOut | None = None
     positive: list[int] = []
     negative: list[int] = []

@@ -9,8 +9,10 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from cbmir.errors import CbmirError
+from cbmir.locations import LocationError, PacsInstance
+from cbmir.pacs import PacsSettings
 from cbmir.refine import Rocchio
-from cbmir.settings import ENV_PREFIX, Settings
+from cbmir.settings import ENV_PREFIX
 
 TOKEN_ENV = f"{ENV_PREFIX}TOKEN"
 MEGABYTE = 1 << 20
@@ -20,7 +22,7 @@ class ServiceConfigError(CbmirError):
     """A service configuration that cannot be used (or would expose images to anyone)."""
 
 
-class ServiceSettings(Settings):
+class ServiceSettings(PacsSettings):
     """`token`: the bearer token every /v1 request must carry (None: no token, loopback only).
     `max_upload_bytes`: the largest request body; `body_timeout_seconds`: the longest a request body may
     pause before it is answered 408; `max_pixels` (from `Settings`): the largest image.
@@ -34,7 +36,9 @@ class ServiceSettings(Settings):
     `failed_logins_per_minute`: wrong tokens a client may send in a minute before it is answered 429.
     `rocchio_alpha`, `rocchio_beta`, `rocchio_gamma`: the weights of a search refined by example, of the
     query, of the images marked relevant and of those marked not (see `cbmir.refine`).
-    Each is also read from ``CBMIR_<NAME>`` (``CBMIR_TOKEN``...)."""
+    From `PacsSettings`: the PACS that ``POST /v1/search/pacs`` fetches from (`pacs_url` and its
+    credentials, timeout and retries) and the viewer that each hit links to (`viewer_url`).
+    Each is also read from ``CBMIR_<NAME>`` (``CBMIR_TOKEN``, ``CBMIR_PACS_URL``...)."""
 
     db: Path
     model: Path
@@ -60,6 +64,14 @@ class ServiceSettings(Settings):
             raise ServiceConfigError("the token must be at least 16 characters long (use a random one)")
         if "*" in self.cors_origins:
             raise ServiceConfigError("CORS origin '*' would let any web page read the images: name the origins")
+        if self.pacs_url is not None:
+            try:  # checked now, not at the first search by PACS image: the URL check of every PACS location
+                PacsInstance(self.pacs_url, "1", "1", "1")
+            except LocationError:  # not quoted: it may hold a password
+                raise ServiceConfigError(
+                    "CBMIR_PACS_URL is not a DICOMweb base URL: it must be http(s), with no query, fragment or "
+                    "credentials (set those in CBMIR_PACS_USER and CBMIR_PACS_PASSWORD, or CBMIR_PACS_TOKEN)"
+                ) from None
         return self
 
     def rocchio(self) -> Rocchio:

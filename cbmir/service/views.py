@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from cbmir.index import Hit, ImageRow
 from cbmir.labels import Prediction
+from cbmir.pacs import PacsSettings, pacs_uids
 from cbmir.service.catalog import Catalog
-from cbmir.service.schemas import AxisOut, ClassScore, ImageDetailOut, NeighbourOut, PredictionOut
+from cbmir.service.schemas import AxisOut, ClassScore, ImageDetailOut, NeighbourOut, PacsOut, PredictionOut
 
 
 def image_fields(catalog: Catalog, row: ImageRow) -> dict[str, Any]:
@@ -39,8 +41,18 @@ def image_detail(catalog: Catalog, row: ImageRow) -> ImageDetailOut:
     )
 
 
-def neighbours(catalog: Catalog, hits: list[Hit]) -> list[NeighbourOut]:
-    return [NeighbourOut(score=hit.score, **image_fields(catalog, hit)) for hit in hits]
+def pacs_place(settings: PacsSettings, tags: Mapping[str, Any]) -> PacsOut | None:
+    """Where an image is on the PACS, and its viewer link, from its DICOM tags (an indexed image's `extra`, a
+    read query's header); None for an image without the three UIDs."""
+    uids = pacs_uids(tags)
+    return None if uids is None else PacsOut(**uids, viewer_url=settings.viewer_link_of(tags))
+
+
+def neighbours(catalog: Catalog, settings: PacsSettings, hits: list[Hit]) -> list[NeighbourOut]:
+    return [
+        NeighbourOut(score=hit.score, pacs=pacs_place(settings, hit.extra), **image_fields(catalog, hit))
+        for hit in hits
+    ]
 
 
 def prediction(catalog: Catalog, predicted: Prediction) -> PredictionOut:

@@ -48,6 +48,7 @@ def send(port: int, datasets: list[Dataset]) -> list[int]:
     """C-STORE each data set in one association, as a modality would; the statuses answered."""
     sender = AE(ae_title="MODALITY")
     for context in StoragePresentationContexts[:100]:
+        assert context.abstract_syntax is not None
         sender.add_requested_context(context.abstract_syntax)
     # The compressed test objects need their own transfer syntax proposed.
     for dataset in datasets:

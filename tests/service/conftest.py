@@ -3,6 +3,7 @@ a small untrained CNN, a SQLite store and a FAISS index) served by uvicorn on a 
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -10,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from cbmir.embed import Embedder
 from cbmir.search import Retrieval
@@ -22,6 +26,29 @@ from tests.conftest import SHARED_DATA, small_checkpoint
 
 TOKEN = "test-token-0123456789abcdef"
 TABLES = SHARED_DATA / "irma-code-tables"
+VIEWER = "https://viewer.test/viewer?StudyInstanceUIDs={study}&series={series}&instance={instance}"
+"""The viewer link template of the `service` fixture (CBMIR_VIEWER_URL)."""
+CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+
+
+def dicom_file(pixels: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """An 8-bit CR radiograph in the DICOM file format with new UIDs; its bytes and UIDs (study, series,
+    instance, as the API's `pacs` names them)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CR"
+    ds.set_pixel_data(pixels, "MONOCHROME2", 8)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), {
+        "study": ds.StudyInstanceUID,
+        "series": ds.SeriesInstanceUID,
+        "instance": ds.SOPInstanceUID,
+    }
 
 
 @dataclass
@@ -75,8 +102,8 @@ def index_parts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(index_parts, tmp_path_factory):
-    """The service over a copy of the shared index (tests add and remove images), with a token and small
-    limits: 4 MiB per request, 8 megapixels per image."""
+    """The service over a copy of the shared index (tests add and remove images), with a token, small limits
+    (4 MiB per request, 8 megapixels per image) and a viewer (`VIEWER`), but no PACS."""
     import shutil
 
     archive, model, db = index_parts
@@ -90,5 +117,6 @@ def service(index_parts, tmp_path_factory):
         max_upload_bytes=4 << 20,
         max_pixels=8_000_000,
         failed_logins_per_minute=1000,  # the token tests send many wrong tokens; the limit has its own test
+        viewer_url=VIEWER,
     )
     yield from start(settings, archive)

@@ -22,6 +22,7 @@ from tests.service.test_api import phantom
 ROLE_CALLS = {
     "GET /v1/me": ("GET", "/v1/me"),
     "POST /v1/search": ("POST", "/v1/search"),
+    "POST /v1/search/pacs": ("POST", "/v1/search/pacs"),
     "GET /v1/images/{image_id}/similar": ("GET", "/v1/images/1/similar"),
     "GET /v1/images/{image_id}/explain": ("GET", "/v1/images/1/explain?neighbour=2"),
     "POST /v1/explain": ("POST", "/v1/explain"),

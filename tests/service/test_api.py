@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from cbmir.cli import app as cli
 from cbmir.irma import IrmaCode
 from cbmir.service import ServiceConfigError, ServiceSettings
-from tests.conftest import shared_path
-from tests.service.conftest import TOKEN
+from tests.conftest import read_grey, shared_path
+from tests.service.conftest import TOKEN, VIEWER, dicom_file
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -59,6 +59,7 @@ def check_search_answer(body: dict) -> None:
 V1_CALLS = [
     ("GET", "/v1/me"),
     ("POST", "/v1/search"),
+    ("POST", "/v1/search/pacs"),
     ("GET", "/v1/images/1/similar"),
     ("GET", "/v1/images/1/explain?neighbour=2"),
     ("POST", "/v1/explain"),
@@ -133,6 +134,17 @@ def test_without_a_token_the_server_refuses_to_leave_loopback(tmp_path, index_pa
     )
     assert result.exit_code == 2
     assert "no token configured: refusing to listen on 0.0.0.0" in result.output
+
+
+def test_a_pacs_url_that_cannot_be_used_is_refused_at_start(index_parts):
+    _, model, db = index_parts
+    serve = ["serve", "--db", str(db), "--model", str(model)]
+    for url in ("http://alice:secret@pacs:8042/dicom-web", "pacs:8042/dicom-web", "http://pacs/dicom-web?x=1"):
+        with pytest.raises(ServiceConfigError, match="CBMIR_PACS_URL is not a DICOMweb base URL"):
+            ServiceSettings(db=db, model=model, pacs_url=url)
+        result = CliRunner().invoke(cli, serve, env={"CBMIR_PACS_URL": url})
+        assert result.exit_code == 2 and "CBMIR_PACS_URL is not a DICOMweb base URL" in result.output
+        assert "secret" not in result.output  # a password in the URL is not echoed
 
 
 def test_cors_is_closed_by_default(service):
@@ -221,6 +233,38 @@ def test_search_by_id_and_image_metadata(service):
         assert client.get("/v1/images/2/original").status_code == 403
         assert client.get("/v1/images/999999").status_code == 404
         assert client.get("/v1/images/999999/similar").status_code == 404
+
+
+def test_hits_from_dicom_carry_their_pacs_uids_and_viewer_link(service):
+    """An image indexed from DICOM (here an upload) keeps its UIDs: every answer that lists it says where it is
+    on the PACS and links to the viewer (`CBMIR_VIEWER_URL`); other images say null. The schema shows it."""
+    pixels = phantom_pixels(service, 5)
+    data, uids = dicom_file(pixels)
+    place = {**uids, "viewer_url": VIEWER.format(**uids)}
+    with service.client() as client:
+        [item] = client.post("/v1/images", files={"files": ("cr.dcm", data)}).json()["items"]
+        try:
+            by_upload = search_bytes(client, "cr.dcm", data, k="3").json()
+            by_id = client.get(f"/v1/images/{item['id']}/similar", params={"k": 3}).json()
+            for body in (by_upload, by_id):
+                assert body["query"]["pacs"] == place
+                first, *others = body["neighbours"]
+                assert first["id"] == item["id"] and first["pacs"] == place
+                assert [hit["pacs"] for hit in others] == [None] * len(others)  # phantoms from PNG files
+            assert search_bytes(client, "q.png", png_bytes(pixels)).json()["query"]["pacs"] is None
+            schemas = client.get("/openapi.json").json()["components"]["schemas"]
+        finally:
+            client.delete(f"/v1/images/{item['id']}")
+    hit = schemas["NeighbourOut"]
+    assert "pacs" in hit["required"] and "PACS" in hit["properties"]["pacs"]["description"]
+    assert {"$ref": "#/components/schemas/PacsOut"} in hit["properties"]["pacs"]["anyOf"]
+    assert set(schemas["PacsOut"]["properties"]) == {"study", "series", "instance", "viewer_url"}
+    assert all(field.get("description") for field in schemas["PacsOut"]["properties"].values())
+
+
+def phantom_pixels(service, number: int) -> np.ndarray:
+    """The pixels of an indexed phantom, mirrored: an image like the index's that is not in it."""
+    return np.ascontiguousarray(read_grey(phantom(service, number))[:, ::-1])
 
 
 @pytest.mark.parametrize(
@@ -477,6 +521,7 @@ def test_the_schema_documents_each_routes_error_answers(service):
         empty = client.post("/v1/images", data={"dataset": "x"})
     assert empty.status_code == 422 and "files" in empty.json()["error"]
     error_schema = {"$ref": "#/components/schemas/ErrorOut"}
+    assert {"404", "502", "503", "504"} <= set(spec["paths"]["/v1/search/pacs"]["post"]["responses"])
     for path, item in spec["paths"].items():
         if not path.startswith("/v1"):
             continue
@@ -487,11 +532,10 @@ def test_the_schema_documents_each_routes_error_answers(service):
                 assert "404" in documented, (method, path)
             if "requestBody" in operation:
                 assert {"400", "408", "411", "413"} <= set(documented), (method, path)
-            if method == "post":
-                assert "415" in documented, (method, path)
             for code, answer in documented.items():
                 assert answer["content"]["application/json"]["schema"] == error_schema, (method, path, code)
             upload = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
             if upload:
+                assert "415" in documented, (method, path)
                 fields = spec["components"]["schemas"][upload["schema"]["$ref"].rsplit("/", 1)[-1]]["properties"]
                 assert "files" not in fields or fields["files"]["minItems"] == 1, (method, path)

@@ -11,6 +11,7 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 from typer.testing import CliRunner
 
 from cbmir.cli import app as cli
@@ -142,13 +143,13 @@ DECODING = Overlap()
 
 
 class CountingCatalog(Catalog):
-    """A real catalog whose reading of uploads is counted, and slowed down so that concurrent ones overlap."""
+    """A real catalog whose reading of queries is counted, and slowed down so that concurrent ones overlap."""
 
-    def read_upload(self, name: str, data: bytes) -> Radiograph:
+    def read_query(self, name: str, data: bytes | Dataset) -> Radiograph:
         DECODING.enter()
         try:
             time.sleep(DECODE_SECONDS)
-            return super().read_upload(name, data)
+            return super().read_query(name, data)
         finally:
             DECODING.leave()
 

@@ -11,7 +11,9 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -20,7 +22,10 @@ import pytest
 from cbmir.irma import IrmaCode
 from cbmir.synthetic import phantom
 from tests.conftest import read_grey
-from tests.service.conftest import TOKEN
+from tests.service.conftest import TOKEN, VIEWER, dicom_file
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(
@@ -38,8 +43,8 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = os.environ.get("CBMIR_SCREENSHOTS")
 
 
-@pytest.fixture(scope="module")
-def browser():
+def chromium() -> Iterator[Browser]:
+    """Debian's Chromium, driven by Playwright (for a module-scoped fixture; the PACS page test has one too)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -48,9 +53,8 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, service):
-    """A fresh page (new session storage) on the service. Errors of the page's own script and anything the
+def fresh_page(browser: Browser, url: str) -> Iterator[Page]:
+    """A fresh page (new session storage) at `url`. Errors of the page's own script and anything the
     Content-Security-Policy blocked fail the test."""
     context = browser.new_context(viewport={"width": 1920, "height": 1080}, accept_downloads=True)
     page = context.new_page()
@@ -59,10 +63,20 @@ def page(browser, service):
     page.on(
         "console", lambda message: problems.append(message.text) if "Content Security Policy" in message.text else None
     )
-    page.goto(service.url)
+    page.goto(url)
     yield page
     context.close()
     assert problems == []
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from chromium()
+
+
+@pytest.fixture
+def page(browser, service):
+    yield from fresh_page(browser, service.url)
 
 
 def enter_token(page, token: str = TOKEN) -> None:
@@ -362,3 +376,34 @@ def test_compare_side_by_side(page, service):
     assert_no_horizontal_scrolling(page)
     page.keyboard.press("Escape")
     dialog.wait_for(state="hidden")
+
+
+# -- the PACS viewer ---------------------------------------------------------------------------------------
+
+
+def test_a_case_from_dicom_links_to_the_viewer(page, service, tmp_path):
+    """A case indexed from DICOM keeps its UIDs: its card (and the query's caption, and the compare view) link
+    to it in the viewer, in a new tab that cannot reach back to the page; cases from other files do not."""
+    data, uids = dicom_file(phantom("hand", np.random.default_rng(77), 160))
+    query = tmp_path / "cr.dcm"
+    query.write_bytes(data)
+    expected = VIEWER.format(**uids)
+    with service.client() as client:
+        [item] = client.post("/v1/images", files={"files": (query.name, data)}).json()["items"]
+    try:
+        found = upload_and_wait(page, query)
+        assert found[0]["id"] == str(item["id"])  # the case is the query itself
+        links = page.locator("#neighbours .neighbour .viewer-link")
+        assert links.count() == 1
+        assert page.locator("#neighbours .neighbour").first.locator(".viewer-link").count() == 1
+        for link in (links.first, page.locator("#query-viewer")):
+            assert link.is_visible() and link.inner_text() == "Open in viewer"
+            assert link.get_attribute("href") == expected
+            assert link.get_attribute("target") == "_blank"
+            assert link.get_attribute("rel") == "noopener noreferrer"
+        screenshot(page, "cbmir-page-viewer-link.png")
+        page.locator("#neighbours .neighbour .compare").first.click()
+        assert page.locator("#caption-neighbour .viewer-link").get_attribute("href") == expected
+    finally:
+        with service.client() as client:
+            client.delete(f"/v1/images/{item['id']}")

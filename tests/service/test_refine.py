@@ -89,6 +89,7 @@ def test_a_region_search_finds_the_pasted_original_first(service, embedder, stor
         "id": None,
         "width": canvas.shape[1],
         "height": canvas.shape[0],
+        "pacs": None,
         "region": {"x": x, "y": y, "width": width, "height": height},
         "positive": [],
         "negative": [],

@@ -1,5 +1,5 @@
-"""Searching: by an uploaded radiograph, or by an indexed image; either refined by a region of the query image
-and by images of an earlier answer marked relevant or not (`cbmir.refine`)."""
+"""Searching: by an uploaded radiograph, by an image on the PACS, or by an indexed image; each refined by a region
+of the query image and by images of an earlier answer marked relevant or not (`cbmir.refine`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from cbmir.refine import Feedback, Region
+from cbmir.search import SearchResult
 from cbmir.service import views
 from cbmir.service.access import AuditNote
-from cbmir.service.catalog import upload_name
+from cbmir.service.catalog import Catalog, Decoded, upload_name
 from cbmir.service.dependencies import (
     AuditDep,
     CatalogDep,
@@ -20,11 +21,20 @@ from cbmir.service.dependencies import (
     QueryRefine,
     SettingsDep,
 )
-from cbmir.service.errors import BY_ID_ERRORS, UPLOAD_ERRORS, V1_ERRORS
-from cbmir.service.schemas import FilterParams, QueryOut, RegionOut, SearchOut
+from cbmir.service.errors import BY_ID_ERRORS, PACS_ERRORS, UPLOAD_ERRORS, V1_ERRORS
+from cbmir.service.pacs_search import search_instance
+from cbmir.service.schemas import MAX_RESULTS, FilterParams, PacsSearchIn, QueryOut, RegionOut, SearchOut
+from cbmir.service.settings import ServiceSettings
 
 router = APIRouter(prefix="/v1", tags=["search"], responses=V1_ERRORS)
-MAX_RESULTS = 200
+PACS_SEARCH = (
+    "Fetches the instance from the server's PACS (CBMIR_PACS_URL, with the server's credentials) and answers "
+    "as a search by upload of that DICOM file would; `filters` and `refine` take what the upload search's "
+    "form fields take. Errors name the UIDs and the reason: 404 when the PACS does not hold the instance, 422 "
+    "when it holds no single-frame image cbmir reads (a report, several frames, no decoder, above the size "
+    "limit), 502 when the PACS refuses this server's credentials, 503 when no PACS is configured, 504 when "
+    "the PACS cannot be reached or does not answer in time."
+)
 
 
 @router.post("/search", response_model=SearchOut, summary="Search by an uploaded radiograph", responses=UPLOAD_ERRORS)
@@ -39,15 +49,37 @@ def search_upload(
 ) -> SearchOut:
     name = upload_name(file.filename)
     region, feedback = refine.parsed_region(), refine.feedback(settings.rocchio())
-    decoded, result = catalog.search_upload(
+    decoded, result = catalog.search_image(
         name, file.file.read(), k, filters.filters(), region=region, feedback=feedback
     )
     note_search(audit, [hit.id for hit in result.hits], k, filters, region, feedback)
-    return SearchOut(
-        query=query_out(QueryOut(name=name, width=decoded.width, height=decoded.height), region, feedback),
-        prediction=views.prediction(catalog, result.prediction),
-        neighbours=views.neighbours(catalog, result.hits),
+    return searched(catalog, settings, name, decoded, result, region, feedback)
+
+
+@router.post(
+    "/search/pacs",
+    response_model=SearchOut,
+    summary="Search by an image on the PACS",
+    description=PACS_SEARCH,
+    responses=PACS_ERRORS,
+)
+def search_pacs(catalog: CatalogDep, settings: SettingsDep, audit: AuditDep, query: PacsSearchIn) -> SearchOut:
+    # Noted first: the record names the instance asked for even when the search fails.
+    audit.saw([], pacs={"study": query.study, "series": query.series, "instance": query.instance})
+    region, feedback = query.refine.parsed_region(), query.refine.feedback(settings.rocchio())
+    decoded, result = search_instance(
+        catalog,
+        settings,
+        query.study,
+        query.series,
+        query.instance,
+        query.k,
+        query.filters.filters(),
+        region=region,
+        feedback=feedback,
     )
+    note_search(audit, [hit.id for hit in result.hits], query.k, query.filters, region, feedback)
+    return searched(catalog, settings, query.instance, decoded, result, region, feedback)
 
 
 @router.get(
@@ -66,12 +98,37 @@ def search_by_id(
     row, prediction, hits = catalog.similar(image_id, k, filters.filters(), region=region, feedback=feedback)
     audit.saw([image_id])
     note_search(audit, [hit.id for hit in hits], k, filters, region, feedback)
+    own = QueryOut(
+        id=image_id,
+        name=catalog.name(row),
+        width=row.width,
+        height=row.height,
+        pacs=views.pacs_place(settings, row.extra),
+    )
     return SearchOut(
-        query=query_out(
-            QueryOut(id=image_id, name=catalog.name(row), width=row.width, height=row.height), region, feedback
-        ),
+        query=query_out(own, region, feedback),
         prediction=views.prediction(catalog, prediction) if prediction else None,
-        neighbours=views.neighbours(catalog, hits),
+        neighbours=views.neighbours(catalog, settings, hits),
+    )
+
+
+def searched(
+    catalog: Catalog,
+    settings: ServiceSettings,
+    name: str,
+    decoded: Decoded,
+    result: SearchResult,
+    region: Region | None,
+    feedback: Feedback | None,
+) -> SearchOut:
+    """The answer to a search by a query image read here (uploaded, or fetched from the PACS)."""
+    query = QueryOut(
+        name=name, width=decoded.width, height=decoded.height, pacs=views.pacs_place(settings, decoded.meta.dicom)
+    )
+    return SearchOut(
+        query=query_out(query, region, feedback),
+        prediction=views.prediction(catalog, result.prediction),
+        neighbours=views.neighbours(catalog, settings, result.hits),
     )
 
 

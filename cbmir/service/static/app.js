@@ -14,7 +14,8 @@ let tokenWaiters = [];   // requests waiting for a token to be entered: {resolve
 const MIN_REGION = 16;    // the smallest region side the server searches, in image pixels
 const MAX_ZOOM = 16, ZOOM_STEP = 1.25;
 
-// {file} for an uploaded radiograph, or {id} for an indexed one; its width and height once known
+// {file} for an uploaded radiograph, {id} for an indexed one, or {pacs: {study, series, instance}} for an
+// image on the PACS; its width and height once known
 let currentQuery = null;
 let querySerial = 0;     // numbers queries, so that maps fetched for an earlier one are never shown
 let searchSerial = 0;    // only the latest search may render: an earlier answer arriving late is dropped
@@ -197,6 +198,11 @@ async function runSearch() {
       form.append("file", currentQuery.file);
       for (const [key, value] of Object.entries(searchParams())) form.append(key, value);
       result = await apiJson("/v1/search", { method: "POST", body: form });
+    } else if (currentQuery.pacs) {
+      result = await apiJson("/v1/search/pacs", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(pacsSearchBody(currentQuery.pacs, searchParams())),
+      });
     } else {
       result = await apiJson(`/v1/images/${currentQuery.id}/similar?${new URLSearchParams(searchParams())}`);
     }
@@ -205,10 +211,12 @@ async function runSearch() {
     currentQuery.height = result.query.height;
     drawRegion();
     renderPrediction(result.prediction);
+    showQueryViewer(result.query.pacs);
     const where = region ? " (region)" : "";
+    const name = currentQuery.pacs ? `PACS instance ${result.query.name}` : result.query.name;
     $("#results-title").textContent = result.prediction
-      ? `Similar prior cases to ${result.query.name}${where}`
-      : `Similar to ${result.query.name} (indexed image ${result.query.id})${where}`;
+      ? `Similar prior cases to ${name}${where}`
+      : `Similar to ${name} (indexed image ${result.query.id})${where}`;
     renderNeighbours(result.neighbours);
   } catch (error) {
     if (serial !== searchSerial) return;
@@ -223,6 +231,37 @@ async function runSearch() {
       $("#neighbours").classList.remove("stale");
     }
   }
+}
+
+// The JSON body of a search by PACS image: the UIDs, k, and the filters and refinements the form fields of an
+// upload search would carry.
+function pacsSearchBody(uids, params) {
+  const pick = (names) =>
+    Object.fromEntries(names.filter((name) => name in params).map((name) => [name, params[name]]));
+  return {
+    ...uids,
+    k: Number(params.k),
+    filters: pick(["anatomy", "biology"]),
+    refine: pick(["region", "positive", "negative"]),
+  };
+}
+
+// A link to the image in the PACS viewer, opened in a new tab that cannot reach back to this page.
+function viewerLink(url, label) {
+  const link = element("a", "viewer-link", "Open in viewer");
+  link.href = url;
+  link.target = "_blank";
+  link.rel = "noopener noreferrer";
+  link.setAttribute("aria-label", `Open ${label} in the viewer`);
+  return link;
+}
+
+// The query's viewer link, when the server knows where the query is on the PACS and has a viewer.
+function showQueryViewer(pacs) {
+  const link = $("#query-viewer");
+  link.classList.toggle("hidden", !pacs || !pacs.viewer_url);
+  if (pacs && pacs.viewer_url) link.href = pacs.viewer_url;
+  else link.removeAttribute("href");
 }
 
 function renderPrediction(prediction) {
@@ -303,6 +342,7 @@ function renderNeighbours(neighbours) {
     compare.addEventListener("click", () => openCompare(hit));
     actions.append(compare);
     card.append(open, actions);
+    if (hit.pacs && hit.pacs.viewer_url) card.append(viewerLink(hit.pacs.viewer_url, hit.name));
     for (const type of ["mouseenter", "focusin"]) card.addEventListener(type, () => showQueryWhy(hit));
     grid.append(card);
     showMarks(card);
@@ -316,6 +356,19 @@ function searchById(hit) {
   showQuery(`${hit.name} · indexed image ${hit.id} · ${hit.code || "no code"}`);
   thumbnailInto($("#query-image"), hit.thumbnail_url);
   window.scrollTo({ top: 0 });
+  runSearch();
+}
+
+function searchByPacs(event) {
+  event.preventDefault();
+  const pacs = {
+    study: $("#pacs-study").value.trim(),
+    series: $("#pacs-series").value.trim(),
+    instance: $("#pacs-instance").value.trim(),
+  };
+  newQuery({ pacs });
+  showQuery(`PACS instance ${pacs.instance}`);
+  $("#query-image").classList.add("hidden"); // the page has no picture of it: the viewer has
   runSearch();
 }
 
@@ -333,13 +386,22 @@ function pickQueryFile(file) {
   runSearch();
 }
 
-// A new query starts without a region and without marks.
+// A new query starts without a region and without marks. Why-they-match maps need the query's pixels,
+// which the server has for an upload or an indexed image but not for a PACS image.
 function newQuery(query) {
   currentQuery = { ...query, serial: ++querySerial };
   region = null;
   marks.clear();
   drawRegion();
   showMarkCount();
+  showQueryViewer(null);
+  const why = $("#why-toggle");
+  if (query.pacs && why.checked) {
+    why.checked = false;
+    toggleWhy();
+  }
+  why.disabled = Boolean(query.pacs);
+  why.parentElement.title = query.pacs ? "Not available for a PACS image" : "";
 }
 
 // Shows the query's caption, with its image emptied (a new picture or none follows).
@@ -554,16 +616,11 @@ function openCompare(hit) {
   caption.replaceChildren(element("strong", null, hit.code || "no code"));
   if (hit.words) caption.append(` — ${hit.words}`);
   caption.append(element("span", "muted", ` · ${hit.name} · similarity ${hit.score.toFixed(3)}`));
-  if (hit.viewer_url) {
-    const link = element("a", "viewer-link", "open in the viewer");
-    link.href = hit.viewer_url;
-    link.target = "_blank";
-    link.rel = "noopener noreferrer";
-    caption.append(" · ", link);
-  }
+  if (hit.pacs && hit.pacs.viewer_url) caption.append(" · ", viewerLink(hit.pacs.viewer_url, hit.name));
   $("#compare-title").textContent = `Compare with ${hit.name}`;
   setView({ zoom: 1, x: 0, y: 0 });
   $("#compare-why").checked = $("#why-toggle").checked;
+  $("#compare-why").disabled = $("#why-toggle").disabled;
   compareWhy();
   $("#compare-dialog").showModal();
 }
@@ -843,6 +900,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("#tab-search").addEventListener("click", () => showView("search"));
   $("#tab-annotate").addEventListener("click", () => showView("annotate"));
   $("#file-input").addEventListener("change", (event) => pickQueryFile(event.target.files[0]));
+  $("#pacs-form").addEventListener("submit", searchByPacs);
   dropTarget($("#drop-zone"), (files) => pickQueryFile(files[0]));
   for (const id of ["#anatomy-filter", "#biology-filter", "#k-select"]) $(id).addEventListener("change", runSearch);
   $("#refine").addEventListener("click", runSearch);
