@@ -238,6 +238,7 @@ class NeighbourOut(ImageOut):
 
 
 class ImageDetailOut(ImageOut):
+    pacs: PacsOut | None = Field(description=PACS)
     confidences: dict[str, float]
     extra: dict[str, Any]
     added_at: str

@@ -30,10 +30,11 @@ def image_fields(catalog: Catalog, row: ImageRow) -> dict[str, Any]:
     }
 
 
-def image_detail(catalog: Catalog, row: ImageRow) -> ImageDetailOut:
+def image_detail(catalog: Catalog, settings: PacsSettings, row: ImageRow) -> ImageDetailOut:
     original = f"/v1/images/{row.id}/original" if catalog.allow_originals else None
     return ImageDetailOut(
         **image_fields(catalog, row),
+        pacs=pacs_place(settings, row.extra),
         confidences=row.confidences,
         extra=row.extra,
         added_at=row.added_at,

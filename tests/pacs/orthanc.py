@@ -102,6 +102,11 @@ class Orthanc:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (a benchmark counts its CPU time)."""
+        return self._process.pid if self.running and self._process is not None else None
+
     def start(self) -> None:
         """Start Orthanc and wait until its REST API answers; fail with its log tail if it does not in time."""
         if self.running:

@@ -252,12 +252,15 @@ def test_hits_from_dicom_carry_their_pacs_uids_and_viewer_link(service):
                 assert first["id"] == item["id"] and first["pacs"] == place
                 assert [hit["pacs"] for hit in others] == [None] * len(others)  # phantoms from PNG files
             assert search_bytes(client, "q.png", png_bytes(pixels)).json()["query"]["pacs"] is None
+            assert client.get(f"/v1/images/{item['id']}").json()["pacs"] == place
+            assert client.get(f"/v1/images/{others[0]['id']}").json()["pacs"] is None
             schemas = client.get("/openapi.json").json()["components"]["schemas"]
         finally:
             client.delete(f"/v1/images/{item['id']}")
-    hit = schemas["NeighbourOut"]
-    assert "pacs" in hit["required"] and "PACS" in hit["properties"]["pacs"]["description"]
-    assert {"$ref": "#/components/schemas/PacsOut"} in hit["properties"]["pacs"]["anyOf"]
+    for answer in ("NeighbourOut", "ImageDetailOut"):
+        hit = schemas[answer]
+        assert "pacs" in hit["required"] and "PACS" in hit["properties"]["pacs"]["description"]
+        assert {"$ref": "#/components/schemas/PacsOut"} in hit["properties"]["pacs"]["anyOf"]
     assert set(schemas["PacsOut"]["properties"]) == {"study", "series", "instance", "viewer_url"}
     assert all(field.get("description") for field in schemas["PacsOut"]["properties"].values())
 

@@ -20,7 +20,7 @@ from cbmir.index import UnknownImageError
 from cbmir.service import views
 from cbmir.service.access import AuditNote
 from cbmir.service.catalog import BatchRefusedError, Catalog, upload_name
-from cbmir.service.dependencies import AuditDep, CatalogDep
+from cbmir.service.dependencies import AuditDep, CatalogDep, SettingsDep
 from cbmir.service.errors import BODY_ERRORS, BY_ID_ERRORS, UPLOAD_ERRORS, V1_ERRORS, documented
 from cbmir.service.schemas import BatchOut, CodeIn, FailedOut, ImageDetailOut, ProposalOut
 
@@ -41,9 +41,9 @@ class PngResponse(Response):
 @router.get(
     "/images/{image_id}", response_model=ImageDetailOut, summary="An indexed image's metadata", responses=BY_ID_ERRORS
 )
-def image(catalog: CatalogDep, audit: AuditDep, image_id: int) -> ImageDetailOut:
+def image(catalog: CatalogDep, settings: SettingsDep, audit: AuditDep, image_id: int) -> ImageDetailOut:
     audit.saw([image_id])
-    return views.image_detail(catalog, catalog.row(image_id))
+    return views.image_detail(catalog, settings, catalog.row(image_id))
 
 
 @router.get(
@@ -116,11 +116,13 @@ def remove_image(catalog: CatalogDep, audit: AuditDep, image_id: int) -> dict[st
     summary="Accept or correct a proposal: store the true code",
     responses={**BY_ID_ERRORS, **BODY_ERRORS},
 )
-def set_code(catalog: CatalogDep, audit: AuditDep, image_id: int, body: CodeIn) -> ImageDetailOut:
+def set_code(
+    catalog: CatalogDep, settings: SettingsDep, audit: AuditDep, image_id: int, body: CodeIn
+) -> ImageDetailOut:
     previous = catalog.row(image_id).true_code
     catalog.set_true_code(image_id, body.code)
     audit.saw([image_id], code=catalog.row(image_id).true_code, previous=previous)
-    return views.image_detail(catalog, catalog.row(image_id))
+    return views.image_detail(catalog, settings, catalog.row(image_id))
 
 
 def ingest_batch(
