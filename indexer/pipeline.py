@@ -18,9 +18,9 @@ import hashlib
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
@@ -239,6 +239,21 @@ def index_records(
     return run_stages(records, map_record, state, retrieval, workers=workers, batch_size=batch_size, progress=progress)
 
 
+def mapped_in_order(
+    pool: Executor, function: Callable[[T], Mapped], items: Sequence[T], window: int
+) -> Iterator[Mapped]:
+    """`function` of each item, in order, run in `pool` with at most `window` items in flight: reading runs
+    ahead of the model by that much and no more, so memory stays bounded however large the archive (and a
+    source that fails midway is not read to its end meanwhile)."""
+    pending: deque[Future[Mapped]] = deque()
+    for item in items:
+        if len(pending) >= window:
+            yield pending.popleft().result()
+        pending.append(pool.submit(function, item))
+    while pending:
+        yield pending.popleft().result()
+
+
 def run_stages(
     items: Sequence[T],
     mapper: Callable[[T], Mapped],
@@ -261,7 +276,7 @@ def run_stages(
             pool = stack.enter_context(
                 ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(state,))
             )
-            mapped: Iterator[Mapped] = pool.map(mapper, items, chunksize=4)
+            mapped: Iterator[Mapped] = mapped_in_order(pool, mapper, items, 2 * batch_size)
         else:
             global _worker
             _worker = state
