@@ -244,6 +244,8 @@ class Pacs:
                 failure = PacsUnavailableError(f"{what}: no answer within {self.settings.pacs_timeout_seconds:g} s")
             except requests.ConnectionError as error:
                 failure = PacsUnavailableError(f"{what}: cannot connect ({_first_line(error)})")
+            except requests.exceptions.ChunkedEncodingError as error:  # the server went away mid-answer
+                failure = PacsUnavailableError(f"{what}: the connection broke during the answer ({_first_line(error)})")
             except (ValueError, requests.RequestException) as error:  # an answer that is not DICOM or JSON
                 raise PacsError(f"{what}: unusable answer ({_first_line(error)})") from None
             if not isinstance(failure, PacsUnavailableError) or attempt == attempts:

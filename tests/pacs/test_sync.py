@@ -259,7 +259,7 @@ def test_a_pacs_that_stops_halfway_leaves_a_failure_report_and_a_rerun_finishes(
     for line in lines:
         location, reason = line.split("\t")[:2]
         assert Location.parse(location).kind == "pacs"
-        assert "cannot connect" in reason or "not fetched" in reason, reason
+        assert any(why in reason for why in ("cannot connect", "connection broke", "not fetched")), reason
     orthanc.start()
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
@@ -335,6 +335,38 @@ def test_a_server_that_never_answers_times_out_and_one_that_is_gone_cannot_be_co
     pacs = Pacs(f"http://127.0.0.1:{port}/dicom-web", PacsSettings(pacs_attempts=1))
     with pytest.raises(PacsUnavailableError, match="cannot connect"):
         list(pacs.find())
+
+
+def test_a_server_that_hangs_up_mid_answer_is_tried_again_then_reported_unavailable():
+    """A PACS stopped while it sends an instance: the answer's body ends before its Content-Length."""
+    asked: list[str] = []
+
+    class HangingUp(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"DICM" * 10)
+            self.close_connection = True
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HangingUp)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pacs = Pacs(
+            f"http://127.0.0.1:{server.server_address[1]}/dicom-web",
+            PacsSettings(pacs_attempts=2, pacs_backoff_seconds=0.05),
+        )
+        with pytest.raises(PacsUnavailableError, match="connection broke during the answer"):
+            pacs.fetch(PacsInstance(pacs.server, "1.2", "1.3", "1.4"))
+        assert len(asked) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_search_by_a_pacs_image_from_the_command_line(loaded, generated_dicoms, model, tmp_path):
