@@ -334,14 +334,37 @@ def evaluate(
     typer.echo(f"reports written to {out}")
 
 
-DbOption = Annotated[Path, typer.Option("--db", help="Index folder (SQLite store + FAISS vectors).")]
+DbOption = Annotated[
+    str,
+    typer.Option(
+        "--db",
+        help="The index: a folder (SQLite store + FAISS vectors), or the URL of a PostgreSQL store, "
+        "postgresql://user@host:port/dbname (the password from PGPASSWORD or ~/.pgpass; see --vectors).",
+    ),
+]
+VectorsOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="With a PostgreSQL --db: the local folder of the vectors (default: $CBMIR_VECTORS, else "
+        "cbmir-vectors/<host>-<port>-<dbname> in the working folder)."
+    ),
+]
 
 
-def _existing_index(db: Path) -> Path:
-    """Read commands must not create an empty index where the user mistyped a folder."""
-    from cbmir.index import STORE_FILE
+def _vectors(vectors: Path | None) -> Path | None:
+    """The vector folder given, else $CBMIR_VECTORS (None: the index's own default)."""
+    return vectors or _settings().vectors
 
-    if not (db / STORE_FILE).is_file():
+
+def _existing_index(db: str) -> str:
+    """Read commands must not create an empty index where the user mistyped a folder or a database."""
+    from cbmir.index.database import PostgresAddress, is_database_url
+    from cbmir.index.engine import STORE_FILE, store_location
+    from cbmir.index.store import store_exists
+
+    if not store_exists(store_location(db)):
+        if is_database_url(db):
+            raise CbmirError(f"{PostgresAddress.parse(db).name} holds no cbmir index; build one with `cbmir index`")
         raise CbmirError(f"{db} holds no cbmir index (no {STORE_FILE}); build one with `cbmir index`")
     return db
 
@@ -355,10 +378,25 @@ def index(
     workers: Annotated[int, typer.Option(min=1, help="Processes reading and preprocessing images.")] = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch and per write transaction.")] = 32,
     index_type: Annotated[
-        str | None, typer.Option(help="FAISS factory string (Flat, HNSW32, IVF1024,Flat) or auto.")
+        str | None,
+        typer.Option(
+            help="FAISS factory string (Flat, HNSW32, IVF1024,Flat), ondisk:FACTORY to keep the vectors on disk "
+            "(ondisk:IVF1024,PQ64), or auto."
+        ),
     ] = None,
     nih_table: NihTableOption = None,
     runtime: RuntimeChoice = None,
+    vectors: VectorsOption = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Run on a Ray cluster: read and preprocess in Ray tasks, the model in one actor per node (or "
+            "GPU); this process writes the index. ADDRESS: host:port of `ray start --head`, auto (the cluster "
+            "started on this machine) or local (a Ray instance started for this run). The archive and the "
+            "model must be at these paths on every node; --workers is then unused.",
+        ),
+    ] = None,
 ) -> None:
     """Index an archive: embeddings and predicted codes into the search index. Re-running skips what is
     already indexed; unreadable files go into the failure report and never stop the run."""
@@ -368,13 +406,28 @@ def index(
     _start_torch()
     embedder = _embedder(model, runtime, batch_size=batch_size)
     name, records = read_archive(archive, **({"table": nih_table} if nih_table else {}))
-    with Retrieval.open(db, embedder, index_type=index_type) as retrieval:
-        summary = index_records(
-            records, retrieval, dataset=name, workers=workers, batch_size=batch_size, max_pixels=_settings().max_pixels
-        )
+    with Retrieval.open(db, embedder, vectors=_vectors(vectors), index_type=index_type) as retrieval:
+        settings = _settings()
+        if ray is None:
+            summary = index_records(
+                records, retrieval, dataset=name, workers=workers, batch_size=batch_size, max_pixels=settings.max_pixels
+            )
+        else:
+            from indexer.ray_pipeline import index_on_ray
+
+            summary = index_on_ray(
+                records,
+                retrieval,
+                model=model,
+                dataset=name,
+                address=ray,
+                batch_size=batch_size,
+                max_pixels=settings.max_pixels,
+                threads=settings.threads,
+            )
         typer.echo(summary.text())
         if summary.failed:
-            typer.echo(f"failure report: cbmir db failures --db {db}")
+            typer.echo(f"failure report: cbmir db failures --db {retrieval.engine.location}")
 
 
 @app.command()
@@ -404,6 +457,7 @@ def sync(
     workers: Annotated[int, typer.Option(min=1, help="Processes fetching, reading and preprocessing.")] = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch and per write transaction.")] = 32,
     runtime: RuntimeChoice = None,
+    vectors: VectorsOption = None,
 ) -> None:
     """Index the radiographs of a PACS over DICOMweb (QIDO-RS to find, WADO-RS to fetch). A re-run fetches
     only instances not indexed yet; instances that cannot be taken go into the failure report."""
@@ -417,7 +471,7 @@ def sync(
     pacs = Pacs(url, load_settings(PacsSettings))
     _start_torch()
     embedder = _embedder(model, runtime, batch_size=batch_size)
-    with Retrieval.open(db, embedder) as retrieval:
+    with Retrieval.open(db, embedder, vectors=_vectors(vectors)) as retrieval:
         summary = sync_pacs(
             pacs,
             retrieval,
@@ -431,7 +485,7 @@ def sync(
         )
         typer.echo(summary.text())
         if summary.failed:
-            typer.echo(f"failure report: cbmir db failures --db {db}")
+            typer.echo(f"failure report: cbmir db failures --db {retrieval.engine.location}")
 
 
 @app.command()
@@ -445,6 +499,7 @@ def listen(
     dataset: Annotated[str, typer.Option(help="Dataset name the received images are stored under.")] = "received",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch and per write transaction.")] = 16,
     runtime: RuntimeChoice = None,
+    vectors: VectorsOption = None,
 ) -> None:
     """Receive radiographs pushed by DICOM C-STORE and index each as it arrives, until interrupted (Ctrl-C).
     An image is acknowledged only once it is on disk; what cannot be indexed is refused and reported."""
@@ -461,7 +516,7 @@ def listen(
     for stopping in (signal.SIGTERM, signal.SIGINT):  # also when started in the background, where Ctrl-C is ignored
         signal.signal(stopping, lambda *_: stop.set())
     with (
-        Retrieval.open(db, embedder) as retrieval,
+        Retrieval.open(db, embedder, vectors=_vectors(vectors)) as retrieval,
         Listener(
             retrieval,
             ae_title=ae_title.strip(),
@@ -472,7 +527,8 @@ def listen(
             max_pixels=_settings().max_pixels,
         ) as listener,
     ):
-        typer.echo(f"cbmir: listening as {ae_title.strip()} on {host}:{port}, indexing into {db} (Ctrl-C stops)")
+        where = f"{host}:{port}, indexing into {retrieval.engine.location}"
+        typer.echo(f"cbmir: listening as {ae_title.strip()} on {where} (Ctrl-C stops)")
         shown = ""
         while not stop.wait(5):  # progress: a line whenever something arrived
             stats = listener.stats
@@ -521,6 +577,7 @@ def search(
             help="Search by an image on the PACS at $CBMIR_PACS_URL instead of a file: STUDY/SERIES/INSTANCE UIDs."
         ),
     ] = None,
+    vectors: VectorsOption = None,
 ) -> None:
     """Find the radiographs most similar to IMAGE (or to a PACS image), with the predicted code in words."""
     from cbmir.datasets import read_pixels
@@ -550,7 +607,7 @@ def search(
         pixels = read_image(image, max_pixels=_settings().max_pixels).pixels
     else:
         pixels = read_pixels(_pacs_location(pacs, str(pacs_instance)), max_pixels=_settings().max_pixels)
-    with Retrieval.open(_existing_index(db), embedder) as retrieval:
+    with Retrieval.open(_existing_index(db), embedder, vectors=_vectors(vectors)) as retrieval:
         result = retrieval.search_image(pixels, k, filters)
     prediction, hits = result.prediction, result.hits
     typer.echo(f"predicted: {prediction.label} (confidence {prediction.confidence:.3f})")
@@ -656,6 +713,7 @@ def serve(
     max_decoding: Annotated[
         int | None, typer.Option(min=1, help="Most images decoded at once; more wait for a turn (2).")
     ] = None,
+    vectors: VectorsOption = None,
 ) -> None:
     """Start the query service: the HTTP API (/v1, docs at /docs) and the web page (/). Every option can also
     be set as an environment variable CBMIR_<SETTING> (CBMIR_TOKEN, CBMIR_MAX_PIXELS, ...)."""
@@ -665,6 +723,7 @@ def serve(
     settings = load_settings(
         ServiceSettings,
         db=_existing_index(db),
+        vectors=vectors,
         model=model,
         irma_tables=tables,
         host=host,
@@ -692,7 +751,8 @@ def _run_service(settings: ServiceSettings) -> None:
     settings.check_binding(has_users=_access(settings.db)[0].has_users())
     set_threads(settings.threads)  # the service's own settings hold $CBMIR_THREADS: no second read
     app_instance = create_app(settings)
-    typer.echo(f"cbmir: serving {settings.db} at http://{settings.host}:{settings.port}/ (API docs at /docs)")
+    index = app_instance.state.catalog.engine.location
+    typer.echo(f"cbmir: serving {index} at http://{settings.host}:{settings.port}/ (API docs at /docs)")
     # The token itself is never printed here: it came from a file or the environment, and output lands in logs.
     typer.echo("every /v1 request needs the token" if settings.token else "no token: reachable from this machine only")
     uvicorn.run(app_instance, host=settings.host, port=settings.port, log_level="warning")
@@ -700,21 +760,21 @@ def _run_service(settings: ServiceSettings) -> None:
 
 @db_app.command("stats")
 @reports_errors
-def db_stats(db: DbOption) -> None:
+def db_stats(db: DbOption, vectors: VectorsOption = None) -> None:
     """Images, model, index type, datasets and failures of an index."""
     from cbmir.index import Engine
 
-    with Engine.open(_existing_index(db)) as engine:
+    with Engine.open(_existing_index(db), vectors=_vectors(vectors)) as engine:
         typer.echo(json.dumps(engine.stats(), indent=2, sort_keys=True, default=str))
 
 
 @db_app.command("failures")
 @reports_errors
-def db_failures(db: DbOption) -> None:
+def db_failures(db: DbOption, vectors: VectorsOption = None) -> None:
     """The files the indexer could not read, with the reason."""
     from cbmir.index import Engine
 
-    with Engine.open(_existing_index(db)) as engine:
+    with Engine.open(_existing_index(db), vectors=_vectors(vectors)) as engine:
         failures = engine.failures()
     for failure in failures:
         typer.echo("\t".join(str(value) for value in failure.values()))
@@ -763,14 +823,14 @@ class RoleOption(enum.StrEnum):
     admin = "admin"
 
 
-def _access(db: Path):
+def _access(db: str | Path):
     """The users and the audit trail of an index, opened beside a running service (not through its engine,
     which one process at a time may open)."""
     from cbmir.access import AuditTrail, UserDirectory
-    from cbmir.index import STORE_FILE
+    from cbmir.index.engine import store_location
     from cbmir.index.store import Store
 
-    store = Store(_existing_index(db) / STORE_FILE)
+    store = Store(store_location(_existing_index(str(db))))
     return UserDirectory(store), AuditTrail(store)
 
 

@@ -17,16 +17,18 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cbmir.embed import Embedder
 from cbmir.index import MAX_K, Engine, Filters, Hit, ImageEntry, IndexMismatchError, IndexPolicy, UnknownImageError
 from cbmir.index.engine import check_k
 from cbmir.labels import Prediction
 from cbmir.locations import Location
 from cbmir.refine import Feedback, RefinementError
+
+if TYPE_CHECKING:  # the model's module (and torch) is the caller's to load: the indexer's readers never do
+    from cbmir.embed import Embedder, Embeddings
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Retrieval:
     def __init__(self, engine: Engine, embedder: Embedder):
         if engine.model is not None and engine.model.digest != embedder.stamp.digest:
             raise IndexMismatchError(
-                f"the index {engine.folder} holds vectors of model {engine.model.describe()}, not of "
+                f"the index {engine.location} holds vectors of model {engine.model.describe()}, not of "
                 f"{embedder.stamp.describe()}: search it with the model it was built with"
             )
         self.engine, self.embedder = engine, embedder
@@ -75,15 +77,18 @@ class Retrieval:
     @classmethod
     def open(
         cls,
-        folder: str | os.PathLike[str],
+        db: str | os.PathLike[str],
         embedder: Embedder,
         *,
+        vectors: str | os.PathLike[str] | None = None,
         index_type: str | None = None,
         policy: IndexPolicy | None = None,
     ) -> Retrieval:
-        """Open (or create) the index in `folder` for `embedder`'s model; another model's index is an
+        """Open (or create) the index `db` (a folder, or a PostgreSQL URL with its vectors in the folder
+        `vectors`: see `Engine.open`) for `embedder`'s model; another model's index is an
         `IndexMismatchError`."""
-        return cls(Engine.open(folder, model=embedder.stamp, index_type=index_type, policy=policy), embedder)
+        engine = Engine.open(db, vectors=vectors, model=embedder.stamp, index_type=index_type, policy=policy)
+        return cls(engine, embedder)
 
     def close(self) -> None:
         self.engine.close()
@@ -138,13 +143,19 @@ class Retrieval:
         stored is a `DuplicateImageError`)."""
         started = time.perf_counter()
         embeddings = self.embedder.embed_inputs([image.model_input for image in images])
-        entries = [
-            _entry(image, vector, prediction)
-            for image, vector, prediction in zip(images, embeddings.vectors, embeddings.predictions, strict=True)
-        ]
+        entries = image_entries(images, embeddings)
         written = time.perf_counter()
         ids = self.engine.add(entries)
         return Stored(ids, embeddings.predictions, written - started, time.perf_counter() - written)
+
+
+def image_entries(images: Sequence[PreparedImage], embeddings: Embeddings) -> list[ImageEntry]:
+    """What the store keeps of each image: `images` with their vectors and predictions (`embeddings` of
+    their model inputs, in the same order)."""
+    return [
+        _entry(image, vector, prediction)
+        for image, vector, prediction in zip(images, embeddings.vectors, embeddings.predictions, strict=True)
+    ]
 
 
 def _entry(image: PreparedImage, vector: np.ndarray, prediction: Prediction) -> ImageEntry:

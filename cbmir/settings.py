@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     `threads`: the model's threads, torch's for training and both runtimes' for inference (None: every core).
     `runtime`: the inference runtime, onnx, torch or auto (onnx where the checkpoint has a current graph;
     see `cbmir.embed`). `max_pixels`: the largest image read, in pixels, checked in its header before
-    decoding (indexing, search, the service)."""
+    decoding (indexing, search, the service). `vectors`: the local folder of the vectors (and the files kept
+    beside them) of an index whose store is a PostgreSQL database (None: ``cbmir-vectors/<host>-<port>-<dbname>``
+    in the working folder; see `cbmir.index.engine.vector_folder`)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True)
 
@@ -35,6 +37,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1)
     runtime: Literal["auto", "torch", "onnx"] = "auto"
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    vectors: Path | None = None
 
 
 def load_settings(kind: type[S], **given: Any) -> S:

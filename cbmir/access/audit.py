@@ -2,55 +2,55 @@
 appended to a table in the store: when, who, which route, which images were returned or changed, how many
 results, from which address, with which status.
 
-Invariants. Records are only appended: triggers refuse UPDATE and DELETE, so a mistake cannot change one.
-Each record carries the SHA-256 of its own content and of the record before it (a hash chain), so an edit or
-a removal made past the triggers (with another SQLite tool) is found by `AuditTrail.verify`: an edited
-record no longer matches its hash; a removed one breaks the chain or leaves a gap in the sequence numbers,
-which are taken from SQLite's AUTOINCREMENT counter and so never reused. Removing the newest records and
-that counter's row together cannot be seen from inside the file: compare the head `verify` reports with
-one noted earlier (`verify(head=...)`).
+Invariants, on SQLite and PostgreSQL alike. Records are only appended: triggers refuse UPDATE and DELETE
+(and TRUNCATE in PostgreSQL), so a mistake cannot change one. Each record carries the SHA-256 of its own
+content and of the record before it (a hash chain), so an edit or a removal made past the triggers (with
+another database tool) is found by `AuditTrail.verify`: an edited record no longer matches its hash; a
+removed one breaks the chain or leaves a gap in the sequence numbers, which follow the table's
+AUTOINCREMENT counter (`Database.counter`) and so are never reused. Removing the newest records and that
+counter's row together cannot be seen from inside the store: compare the head `verify` reports with one
+noted earlier (`verify(head=...)`).
 
-An append is one write transaction (BEGIN IMMEDIATE): appends from threads and processes are serialised,
-and a record is complete or absent. When a record cannot be written, `append` raises `AuditWriteError`,
-and the service then refuses the request it was for.
+An append is one write transaction (`Database.transaction`: one writer at a time): appends from threads and
+processes, also processes sharing a PostgreSQL store, are serialised, and a record is complete or absent.
+When a record cannot be written, `append` raises `AuditWriteError`, and the service then refuses the
+request it was for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from cbmir.errors import CbmirError
+from cbmir.index.errors import DatabaseError
 from cbmir.index.store import Store
 
 GENESIS = "0" * 64  # the "previous hash" of the first record
 _FIELDS = ("seq", "at", "user", "role", "route", "images", "count", "client", "status", "detail")
-_SCHEMA = [
+_COLUMNS = ", ".join(f'"{name}"' for name in _FIELDS)  # quoted: "user" is a keyword in PostgreSQL
+_SCHEMA = [  # column types in braces: see cbmir.index.database
     """CREATE TABLE IF NOT EXISTS audit (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        at TEXT NOT NULL,
-        user TEXT NOT NULL,
-        role TEXT NOT NULL,
-        route TEXT NOT NULL,
-        images TEXT NOT NULL,
+        seq {id},
+        at {text} NOT NULL,
+        "user" {text} NOT NULL,
+        role {text} NOT NULL,
+        route {text} NOT NULL,
+        images {text} NOT NULL,
         count INTEGER,
-        client TEXT NOT NULL,
+        client {text} NOT NULL,
         status INTEGER NOT NULL,
-        detail TEXT NOT NULL,
-        previous TEXT NOT NULL,
-        hash TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS audit_user ON audit (user)",
+        detail {text} NOT NULL,
+        previous {text} NOT NULL,
+        hash {text} NOT NULL)""",
+    'CREATE INDEX IF NOT EXISTS audit_user ON audit ("user")',
     "CREATE INDEX IF NOT EXISTS audit_at ON audit (at)",
-    """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END""",
-    """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END""",
 ]
+APPEND_ONLY = "the audit trail is append-only"
 _BATCH = 10_000
 
 
@@ -118,7 +118,7 @@ def _stored(event: Event, seq: int, at: str) -> dict[str, Any]:
     }
 
 
-def _record(row: sqlite3.Row | tuple[Any, ...]) -> AuditRecord:
+def _record(row: tuple[Any, ...]) -> AuditRecord:
     seq, at, user, role, route, images, count, client, status, detail, previous, digest = row
     return AuditRecord(
         user=user,
@@ -141,24 +141,29 @@ class AuditTrail:
 
     def __init__(self, store: Store):
         self._store = store
-        store.add_tables(_SCHEMA)
+        database = store.database
+        store.add_tables(
+            [
+                *_SCHEMA,
+                *database.counted("audit", "seq"),
+                *database.refusing("audit", ("UPDATE", "DELETE"), APPEND_ONLY),
+            ]
+        )
 
     def append(self, event: Event) -> AuditRecord:
         """Write one record, chained to the newest; an `AuditWriteError` when it cannot be written."""
         try:
             with self._store.writing() as db:
                 last = db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-                counter = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
-                values = _stored(event, (counter[0] if counter else 0) + 1, datetime.now(UTC).isoformat())
+                values = _stored(event, db.counter("audit") + 1, datetime.now(UTC).isoformat())
                 previous = last[0] if last else GENESIS
                 digest = record_hash(previous, values)
                 db.execute(
-                    f"INSERT INTO audit ({', '.join(_FIELDS)}, previous, hash) "
-                    f"VALUES ({', '.join(':' + name for name in _FIELDS)}, :previous, :hash)",
-                    {**values, "previous": previous, "hash": digest},
+                    f"INSERT INTO audit ({_COLUMNS}, previous, hash) VALUES ({', '.join('?' * (len(_FIELDS) + 2))})",
+                    (*values.values(), previous, digest),
                 )
-        except sqlite3.Error as error:
-            raise AuditWriteError(f"the audit record could not be written to {self._store.path}: {error}") from None
+        except DatabaseError as error:
+            raise AuditWriteError(f"the audit record could not be written to {error}") from None
         return _record((*values.values(), previous, digest))
 
     def records(
@@ -175,10 +180,10 @@ class AuditTrail:
         terms: list[str] = []
         params: list[str | int] = []
         if user is not None:
-            terms.append("user = ?")
+            terms.append('"user" = ?')
             params.append(user)
         if image is not None:
-            terms.append("EXISTS (SELECT 1 FROM json_each(images) WHERE value = ?)")
+            terms.append(self._store.database.json_array_contains("images"))
             params.append(int(image))
         if since is not None:
             terms.append("at >= ?")
@@ -186,7 +191,7 @@ class AuditTrail:
         if until is not None:
             terms.append("at < ?")
             params.append(until)
-        query = f"SELECT {', '.join(_FIELDS)}, previous, hash FROM audit WHERE {' AND '.join(terms) or '1'}"
+        query = f"SELECT {_COLUMNS}, previous, hash FROM audit WHERE {' AND '.join(terms) or 'TRUE'}"
         query += " ORDER BY seq DESC" + (f" LIMIT {int(last)}" if last is not None else "")
         with self._store.reading() as db:
             rows = db.execute(query, params).fetchall()
@@ -197,7 +202,7 @@ class AuditTrail:
         while True:
             with self._store.reading() as db:
                 rows = db.execute(
-                    f"SELECT {', '.join(_FIELDS)}, previous, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                    f"SELECT {_COLUMNS}, previous, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
                     (after, _BATCH),
                 ).fetchall()
             if not rows:
@@ -227,9 +232,9 @@ class AuditTrail:
                     problems.append(f"record {seq} is not the record noted earlier (its hash differs)")
             previous, expected, newest = digest, seq + 1, (seq, digest)
         with self._store.reading() as db:
-            counter = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
-        if counter is not None and counter[0] >= expected:
-            problems.append(f"records {expected} to {counter[0]} are missing (removed at the end)")
+            counter = db.counter("audit")
+        if counter >= expected:
+            problems.append(f"records {expected} to {counter} are missing (removed at the end)")
         if head is not None and not head_seen:
             problems.append(f"record {head[0]}, noted earlier, is missing")
         return Verification(count, newest, problems)

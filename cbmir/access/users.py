@@ -29,16 +29,16 @@ TOKEN_SHAPE = re.compile(r"cbmir_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 SCRYPT = {"n": 1 << 14, "r": 8, "p": 1, "dklen": 32}  # 16 MiB and tens of milliseconds per check
 REMEMBERED_TOKENS = 10_000
 
-_SCHEMA = [
+_SCHEMA = [  # column types in braces: see cbmir.index.database
     """CREATE TABLE IF NOT EXISTS users (
-        name TEXT PRIMARY KEY,
-        role TEXT NOT NULL,
-        token_key TEXT NOT NULL UNIQUE,
-        token_salt BLOB NOT NULL,
-        token_hash BLOB NOT NULL,
+        name {text} PRIMARY KEY,
+        role {text} NOT NULL,
+        token_key {text} NOT NULL UNIQUE,
+        token_salt {blob} NOT NULL,
+        token_hash {blob} NOT NULL,
         disabled INTEGER NOT NULL DEFAULT 0,
-        created_at TEXT NOT NULL,
-        changed_at TEXT NOT NULL)""",
+        created_at {text} NOT NULL,
+        changed_at {text} NOT NULL)""",
 ]
 
 

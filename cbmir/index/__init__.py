@@ -1,7 +1,7 @@
-"""The retrieval core: a SQLite store of images and embeddings (the source of truth) and a FAISS index
-derived from it, behind `Engine`. It knows vectors and a `ModelStamp`, never a model. See
-`cbmir.index.engine`, `cbmir.index.store`, `cbmir.index.vectors`, `cbmir.index.filters` and
-`cbmir.stamp`."""
+"""The retrieval core: a store of images and embeddings (the source of truth: a SQLite file or a PostgreSQL
+database, `cbmir.index.database`) and a FAISS index derived from it, behind `Engine`. It knows vectors and
+a `ModelStamp`, never a model. See `cbmir.index.engine`, `cbmir.index.store`, `cbmir.index.vectors`,
+`cbmir.index.filters` and `cbmir.stamp`."""
 
 from cbmir.index.engine import MAX_K, STORE_FILE, Engine, Hit
 from cbmir.index.errors import (

@@ -1,11 +1,23 @@
-"""The retrieval engine: one index folder (``store.sqlite``, ``vectors.faiss``, ``vectors.json``) behind
-add / search / remove, safe to share between threads.
+"""The retrieval engine: one index (a store and its vectors) behind add / search / remove, safe to share
+between threads.
+
+An index is a folder (``store.sqlite``, ``vectors.faiss``, ``vectors.json``), or a PostgreSQL store named by
+a ``postgresql://`` URL plus a local vector folder (``--vectors``; by default
+``cbmir-vectors/<host>-<port>-<dbname>`` under the working folder). Several processes may share one
+PostgreSQL store, each with a vector folder of its own: the store is the truth, and each engine takes in
+the others' adds and removals before a search, at most every `refresh_seconds` (`Engine.refresh`), and
+before its own adds. Whatever the engine keeps beside the vectors (uploads, thumbnails, a listener's
+received files) lives in the vector folder, `Engine.folder`.
 
 The engine knows vectors, not models: an index holds the vectors of one model, named by its `ModelStamp`
 (identity and dimension), recorded with the first images (or at open); any other model or dimension is
 refused with an `IndexMismatchError`. Turning images into vectors is `cbmir.embed`'s job, and "image in,
-hits out" is `cbmir.search`'s. One process at a time may open a folder (an advisory lock on
+hits out" is `cbmir.search`'s. One process at a time may open a (vector) folder (an advisory lock on
 ``folder/.lock``, released by the kernel even when the process is killed).
+
+Crash guarantees: an add, removal or code change is one store transaction, all or nothing; the vectors
+are repaired from the store at the next open (see `cbmir.index.vectors`), so a process killed at any
+moment leaves an index that opens equal to its store.
 """
 
 from __future__ import annotations
@@ -22,13 +34,17 @@ from typing import Any
 
 import numpy as np
 
-from cbmir.index.errors import EntryError, IndexConfigError, IndexMismatchError, QueryError
+from cbmir.index.database import PostgresAddress, is_database_url
+from cbmir.index.errors import EntryError, IndexConfigError, IndexMismatchError, QueryError, UnknownImageError
 from cbmir.index.filters import Filters
+from cbmir.index.ondisk import IDS_FILE, ROWS_FILE
 from cbmir.index.store import ImageEntry, ImageRow, Store
 from cbmir.index.vectors import INDEX_FILE, MANIFEST_FILE, IndexPolicy, Vectors
 from cbmir.stamp import ModelStamp, describe_identity, stamp_digest
 
 STORE_FILE, LOCK_FILE = "store.sqlite", ".lock"
+VECTORS_ROOT = "cbmir-vectors"  # under the working folder: the default vector folders of PostgreSQL stores
+REFRESH_SECONDS = 2.0  # how stale a search may be about other processes' changes to a shared store
 STALE_LOCK_SECONDS = 10.0
 MAX_K = 10_000
 FILTER_CACHE_SIZE = 32
@@ -83,6 +99,26 @@ def _lock(folder: Path) -> int:
     return handle
 
 
+def store_location(db: str | os.PathLike[str]) -> str | Path:
+    """The store of the index `db`: a PostgreSQL URL as given, or the folder's ``store.sqlite``."""
+    return str(db) if is_database_url(db) else Path(db) / STORE_FILE
+
+
+def vector_folder(db: str | os.PathLike[str], vectors: str | os.PathLike[str] | None = None) -> Path:
+    """The local folder of the index `db`'s vectors: the index folder itself, or for a PostgreSQL URL
+    `vectors` when given, else ``cbmir-vectors/<host>-<port>-<dbname>`` in the working folder."""
+    if not is_database_url(db):
+        if vectors is not None and Path(vectors) != Path(db):
+            raise IndexConfigError(
+                f"a vector folder ({vectors}) is for a PostgreSQL store; the index folder {db} keeps its vectors "
+                "beside its store.sqlite"
+            )
+        return Path(db)
+    if vectors is not None:
+        return Path(vectors)
+    return Path.cwd() / VECTORS_ROOT / PostgresAddress.parse(str(db)).folder_name
+
+
 def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
         raise QueryError(f"k={k!r}: the number of results must be an integer from 1 to {MAX_K}")
@@ -98,35 +134,43 @@ def _ids(ids: Iterable[Any]) -> list[int]:
 
 
 class Engine:
-    """Add, search and remove radiographs of one index folder. Open it with `Engine.open`."""
+    """Add, search and remove radiographs of one index. Open it with `Engine.open`."""
 
-    def __init__(self, folder: Path, store: Store, vectors: Vectors, lock: int):
+    def __init__(self, folder: Path, store: Store, vectors: Vectors, lock: int, refresh_seconds: float):
         self.folder = folder
+        self.location = str(folder) if store.database.kind == "sqlite" else store.name  # for messages
         self._store, self._vectors = store, vectors
         self._lock_handle: int | None = lock  # None once closed
         self._lock = threading.RLock()
+        self._refresh_seconds, self._refreshed = refresh_seconds, time.monotonic()
         # ids passing recent filters: a radiologist keeps a filter for many queries, and the store query is
-        # the larger part of a filtered search over a big archive. Cleared by every add and remove.
+        # the larger part of a filtered search over a big archive. Cleared by every add and remove, and by
+        # every refresh (another process may have changed codes).
         self._filtered: OrderedDict[Filters, np.ndarray] = OrderedDict()
 
     @classmethod
     def open(
         cls,
-        folder: str | os.PathLike[str],
+        db: str | os.PathLike[str],
         *,
+        vectors: str | os.PathLike[str] | None = None,
         model: ModelStamp | None = None,
         index_type: str | None = None,
         policy: IndexPolicy | None = None,
+        refresh_seconds: float = REFRESH_SECONDS,
     ) -> Engine:
-        """Create or open the index in `folder`.
+        """Create or open the index `db`: a folder, or a PostgreSQL URL with its vectors in the folder
+        `vectors` (see `vector_folder`). An unreachable database or refused credentials are an
+        `IndexConfigError` naming host, port, database and the reason.
 
         `model` names the model whose vectors the index holds; it is recorded if the index has none yet and
         must equal the recorded one otherwise. Without it the recorded model is used, and adding needs one
         to be recorded. `index_type` is a FAISS factory string (``Flat``, ``HNSW32``, ``IVF4096,Flat``) or
         ``auto`` (by size, see `IndexPolicy`); it is recorded, and None keeps the recorded choice (``auto``
-        for a new index).
+        for a new index). A search takes in other processes' changes to a shared store at most every
+        `refresh_seconds` (0: before every search).
         """
-        folder = Path(folder)
+        folder = vector_folder(db, vectors)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -138,14 +182,14 @@ class Engine:
         lock = _lock(folder)
         store = None
         try:
-            store = Store(folder / STORE_FILE)
+            store = Store(store_location(db))
             recorded_identity, recorded_dimension = store.meta("stamp"), store.meta("dimension")
             if model is not None and (
                 (recorded_identity is not None and stamp_digest(recorded_identity) != model.digest)
                 or (recorded_dimension is not None and recorded_dimension != model.dimension)
             ):
                 raise IndexMismatchError(
-                    f"this index ({folder}) was built with model "
+                    f"this index ({store.name if is_database_url(db) else folder}) was built with model "
                     f"{_describe(recorded_identity, recorded_dimension)}; you are using {model.describe()}. "
                     f"An index holds the vectors of one model: use another folder, or re-index"
                 )
@@ -154,14 +198,14 @@ class Engine:
             if model is not None and recorded_dimension is None:
                 store.set_meta("dimension", model.dimension)
             requested = index_type.strip() if index_type is not None else store.meta("index_type") or "auto"
-            vectors = Vectors(folder, store, requested, policy or IndexPolicy())
+            held = Vectors(folder, store, requested, policy or IndexPolicy())
             store.set_meta("index_type", requested)
         except BaseException:
             if store is not None:
                 store.close()
             os.close(lock)
             raise
-        return cls(folder, store, vectors, lock)
+        return cls(folder, store, held, lock, refresh_seconds)
 
     # -- life cycle -----------------------------------------------------------------------------------------
 
@@ -315,9 +359,27 @@ class Engine:
             raise QueryError(f"filters must be a Filters, got {type(filters).__name__}")
         with self._lock:
             query = self._query_vector(vector)
-            within = None if filters is None or filters.is_empty else self._passing(filters)
-            ids, scores = self._vectors.search(query, k, within)
-            return self._hits(ids, scores)
+            if time.monotonic() - self._refreshed >= self._refresh_seconds:
+                self.refresh()
+            try:
+                return self._search(query, k, filters)
+            except UnknownImageError:  # another process removed a hit since the last refresh
+                self.refresh()
+                return self._search(query, k, filters)
+
+    def _search(self, query: np.ndarray, k: int, filters: Filters | None) -> list[Hit]:
+        within = None if filters is None or filters.is_empty else self._passing(filters)
+        ids, scores = self._vectors.search(query, k, within)
+        return self._hits(ids, scores)
+
+    def refresh(self) -> None:
+        """Take in what other processes sharing the store changed: their adds and removals go into the
+        vectors (see `Vectors.refresh`) and the cached filter results are dropped (they may have changed
+        codes). A search does this by itself at most every `refresh_seconds`."""
+        with self._lock:
+            self._vectors.refresh()
+            self._filtered.clear()
+            self._refreshed = time.monotonic()
 
     def _passing(self, filters: Filters) -> np.ndarray:
         if filters in self._filtered:
@@ -370,10 +432,11 @@ class Engine:
         with self._lock:
             files = {
                 name: (self.folder / name).stat().st_size
-                for name in (STORE_FILE, f"{STORE_FILE}-wal", INDEX_FILE, MANIFEST_FILE)
+                for name in (STORE_FILE, f"{STORE_FILE}-wal", INDEX_FILE, MANIFEST_FILE, ROWS_FILE, IDS_FILE)
                 if (self.folder / name).exists()
             }
             return {
+                "store": self._store.name,
                 "count": self._store.count(),
                 "dimension": self.dimension,
                 "index_type": self._vectors.type,

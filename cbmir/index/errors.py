@@ -12,7 +12,17 @@ class IndexMismatchError(SearchIndexError):
 
 
 class IndexConfigError(SearchIndexError):
-    """An index folder that cannot be opened as asked: bad index type, locked, unreadable or too new."""
+    """An index that cannot be opened as asked: bad index type, locked, unreadable or too new; a database
+    that cannot be reached or refuses the credentials."""
+
+
+class DatabaseError(SearchIndexError):
+    """A statement the store's database failed (SQLite or PostgreSQL): the store's name (never a password)
+    and the database's reason."""
+
+    def __init__(self, store: str, reason: str):
+        super().__init__(f"{store}: {reason}")
+        self.reason = reason
 
 
 class EntryError(SearchIndexError):

@@ -1,14 +1,24 @@
-"""The image store: one SQLite file (WAL mode) that is the source of truth of an index folder.
+"""The image store, the source of truth of an index: a SQLite file (``store.sqlite`` in the index folder)
+or a PostgreSQL database (a ``postgresql://`` URL) that several processes share. Both have the same schema,
+the same statements (`cbmir.index.database` fills in what differs) and the same guarantees.
 
 One row per image holds its location, content hash, size, dataset, true and predicted code or label, extra
-labels and metadata, and the embedding itself, so the FAISS index can always be rebuilt from this file
-alone. Ids come from ``AUTOINCREMENT`` and are never reused, even after removal: an id always means the
-same image, which is what lets the vector index catch up with the store after a crash.
+labels and metadata, and the embedding itself, so the FAISS index can always be rebuilt from the store
+alone. Ids come from ``AUTOINCREMENT`` (a sequence in PostgreSQL) and are never reused, even after removal:
+an id always means the same image, which is what lets vectors catch up with the store after a crash or
+with another process's adds. One writer at a time (see `cbmir.index.database`): every change is one
+transaction, all or nothing also when the process is killed, a content hash is stored at most once (a
+concurrent add of the same image is a `DuplicateImageError` for the later one), and ids are committed in
+the order they are handed out.
 
 Each IRMA axis of the true, the predicted and the "best" code (the true code where known, else the
-predicted one) has its own indexed column, so an axis-prefix filter is an index range scan
-(``GLOB 'prefix*'``) rather than a table scan. A code counts as IRMA when it has the dashed shape
-``TTTT-DDD-AAA-BBB``; any other text (a chest class, NIH findings) is a plain label.
+predicted one) has its own indexed column, so an axis-prefix filter is an index range scan (``GLOB
+'prefix*'``, or ``LIKE 'prefix%'`` on a "C"-collated column) rather than a table scan. A code counts as
+IRMA when it has the dashed shape ``TTTT-DDD-AAA-BBB``; any other text (a chest class, NIH findings) is a
+plain label.
+
+The schema carries its version (`SCHEMA_VERSION`, in the ``meta`` table); a store of a newer version is
+refused on either backend.
 """
 
 from __future__ import annotations
@@ -16,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from cbmir.index.database import Database, is_database_url, open_database
 from cbmir.index.errors import (
+    DatabaseError,
     DuplicateImageError,
     EntryError,
     IndexConfigError,
@@ -105,15 +116,16 @@ def _image_row(values: Sequence[Any]) -> ImageRow:
     )
 
 
-def filter_sql(filters: Filters) -> tuple[str, list[str]]:
+def filter_sql(filters: Filters, database: Database) -> tuple[str, list[str]]:
     """The WHERE condition of `filters` on the images table, and its parameters."""
     source = _SOURCES[filters.on]
     terms, params = [], []
     for name, axis in AXIS_FILTERS.items():
         prefix = getattr(filters, name)
         if prefix is not None:
-            terms.append(f"{source}_{_AXIS_SUFFIX[axis]} GLOB ?")
-            params.append(prefix + "*")
+            term, pattern = database.prefix_match(f"{source}_{_AXIS_SUFFIX[axis]}", prefix)
+            terms.append(term)
+            params.append(pattern)
     if filters.code is not None:
         code = IrmaCode.parse(filters.code)
         for axis in AXES:
@@ -123,9 +135,9 @@ def filter_sql(filters: Filters) -> tuple[str, list[str]]:
         terms.append("dataset = ?")
         params.append(filters.dataset)
     if filters.label is not None:
-        terms.append("id IN (SELECT image_id FROM image_labels WHERE label = ?)")
+        terms.append(f"id IN (SELECT image_id FROM image_labels WHERE {database.nocase_equals('label')})")
         params.append(filters.label.strip())
-    return " AND ".join(terms) or "1", params
+    return " AND ".join(terms) or "TRUE", params
 
 
 def _axis_columns(prefix: str) -> list[str]:
@@ -133,47 +145,47 @@ def _axis_columns(prefix: str) -> list[str]:
 
 
 _CODE_COLUMNS = _axis_columns("true") + _axis_columns("pred") + _axis_columns("best")
+# CREATE statements with the column types that differ between backends left as {names} (Database.ddl)
 _SCHEMA = [
-    f"""CREATE TABLE IF NOT EXISTS images (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        location TEXT NOT NULL,
-        content_hash TEXT NOT NULL UNIQUE,
+    """CREATE TABLE IF NOT EXISTS images (
+        id {id},
+        location {text} NOT NULL,
+        content_hash {text} NOT NULL UNIQUE,
         width INTEGER NOT NULL,
         height INTEGER NOT NULL,
-        dataset TEXT NOT NULL,
-        true_code TEXT,
-        predicted TEXT,
-        confidences TEXT NOT NULL,
-        confidence REAL,
-        labels TEXT NOT NULL,
-        extra TEXT NOT NULL,
-        embedding BLOB NOT NULL,
-        added_at TEXT NOT NULL,
-        {", ".join(f"{column} TEXT" for column in _CODE_COLUMNS)})""",
-    "CREATE INDEX IF NOT EXISTS images_dataset ON images (dataset)",
+        dataset {text} NOT NULL,
+        true_code {text},
+        predicted {text},
+        confidences {text} NOT NULL,
+        confidence {real},
+        labels {text} NOT NULL,
+        extra {text} NOT NULL,
+        embedding {blob} NOT NULL,
+        added_at {text} NOT NULL,
+        """
+    + ", ".join(f"{column} {{text}}" for column in _CODE_COLUMNS)
+    + "){table_options}",
+    "CREATE INDEX IF NOT EXISTS images_dataset ON images (dataset){covering}",
     "CREATE INDEX IF NOT EXISTS images_location ON images (location)",
-    *(f"CREATE INDEX IF NOT EXISTS images_{column} ON images ({column})" for column in _CODE_COLUMNS),
+    *(f"CREATE INDEX IF NOT EXISTS images_{column} ON images ({column}){{covering}}" for column in _CODE_COLUMNS),
     """CREATE TABLE IF NOT EXISTS image_labels (
-        label TEXT NOT NULL COLLATE NOCASE,
-        image_id INTEGER NOT NULL,
-        PRIMARY KEY (label, image_id)) WITHOUT ROWID""",
+        label {text_nocase} NOT NULL,
+        image_id BIGINT NOT NULL,
+        PRIMARY KEY (label, image_id)){without_rowid}""",
     "CREATE INDEX IF NOT EXISTS image_labels_image ON image_labels (image_id)",
-    "CREATE TABLE IF NOT EXISTS failures (location TEXT PRIMARY KEY, reason TEXT NOT NULL, at TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS failures (location {text} PRIMARY KEY, reason {text} NOT NULL, at {text} NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS meta (key {text} PRIMARY KEY, value {text} NOT NULL)",
 ]
 _COLUMNS = (
     "location", "content_hash", "width", "height", "dataset", "true_code", "predicted", "confidences",
     "confidence", "labels", "extra", "embedding", "added_at", *_CODE_COLUMNS,
 )  # fmt: skip
-_INSERT = f"INSERT INTO images ({', '.join(_COLUMNS)}) VALUES ({', '.join(':' + column for column in _COLUMNS)})"
+_INSERT = f"INSERT INTO images ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)}) RETURNING id"
+_ADD_LABEL = "INSERT INTO image_labels (label, image_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _json_ids(ids: Iterable[int]) -> str:
-    return json.dumps([int(i) for i in ids])
 
 
 def _chunks(values: Sequence[Any] | np.ndarray, size: int = _ID_CHUNK) -> Iterator[Sequence[Any] | np.ndarray]:
@@ -181,53 +193,73 @@ def _chunks(values: Sequence[Any] | np.ndarray, size: int = _ID_CHUNK) -> Iterat
         yield values[start : start + size]
 
 
-class Store:
-    """The SQLite store of one index folder. Safe to share between threads: one connection behind a lock."""
+def store_exists(location: str | Path) -> bool:
+    """Whether `location` (a SQLite file or a PostgreSQL URL) holds a cbmir store already: commands that only
+    read must not create an empty one where the user mistyped. An unreachable database is an
+    `IndexConfigError`."""
+    if not is_database_url(location):
+        return Path(location).is_file()
+    database = open_database(location)
+    try:
+        database.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+    except DatabaseError:
+        return False
+    finally:
+        database.close()
+    return True
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+
+class Store:
+    """The store of one index: a SQLite file (a path) or a PostgreSQL database (a ``postgresql://`` URL).
+    Safe to share between threads: one connection behind a lock. Several processes may open the same
+    PostgreSQL store, and a SQLite one beside the process that holds its index (the `cbmir users` command)."""
+
+    def __init__(self, location: str | Path):
         self._lock = threading.RLock()
+        self._db = open_database(location)
+        self.name = self._db.name
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: never corrupt, and a process crash loses nothing
-            self._db.execute("PRAGMA secure_delete=ON")  # removed rows are overwritten, not just unlinked
-            with self._transaction():
+            with self._db.transaction():
                 for statement in _SCHEMA:
+                    self._db.execute(self._db.ddl(statement))
+                for statement in self._db.nocase_index("image_labels", "label"):
                     self._db.execute(statement)
                 version = self._meta("schema_version")
                 if version is None:
                     self._set_meta("schema_version", SCHEMA_VERSION)
-        except sqlite3.DatabaseError as error:
-            raise IndexConfigError(f"{self.path} cannot be opened as a cbmir store: {error}") from None
+        except DatabaseError as error:
+            self._db.close()
+            raise IndexConfigError(f"{self.name} cannot be opened as a cbmir store: {error.reason}") from None
         if version is not None and version > SCHEMA_VERSION:
             self._db.close()
             raise IndexConfigError(
-                f"{self.path} has store schema version {version}; this cbmir reads up to {SCHEMA_VERSION}: "
+                f"{self.name} has store schema version {version}; this cbmir reads up to {SCHEMA_VERSION}: "
                 "upgrade cbmir"
             )
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
-    def _transaction(self):
-        return _Transaction(self._db)
+    @property
+    def database(self) -> Database:
+        """The backend, for the statements that differ between backends (`Database.refusing`...)."""
+        return self._db
 
     def add_tables(self, statements: Iterable[str]) -> None:
-        """Create the tables another module keeps in this file (`CREATE ... IF NOT EXISTS` statements), in
-        one transaction."""
+        """Create the tables another module keeps in this store (`CREATE ... IF NOT EXISTS` statements, with
+        the column types of `Database.ddl`), in one transaction."""
         with self.writing() as db:
             for statement in statements:
-                db.execute(statement)
+                db.execute(db.ddl(statement))
 
     @contextmanager
-    def writing(self) -> Iterator[sqlite3.Connection]:
+    def writing(self) -> Iterator[Database]:
         """The connection inside one write transaction (committed at the end, rolled back on any error), for
-        the tables other modules keep in this file (`cbmir.access`: users and the audit trail)."""
-        with self._lock, self._transaction():
+        the tables other modules keep in this store (`cbmir.access`: users and the audit trail)."""
+        with self._lock, self._db.transaction():
             yield self._db
 
     @contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
+    def reading(self) -> Iterator[Database]:
         """The connection, for reads of those tables."""
         with self._lock:
             yield self._db
@@ -237,11 +269,13 @@ class Store:
         return None if row is None else json.loads(row[0])
 
     def _set_meta(self, key: str, value: Any) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
 
     def close(self) -> None:
         with self._lock:
-            self._db.execute("PRAGMA optimize")  # refresh the planner's statistics for the filter indexes
             self._db.close()
 
     # -- meta and counts ------------------------------------------------------------------------------------
@@ -252,12 +286,19 @@ class Store:
             return self._meta(key)
 
     def set_meta(self, key: str, value: Any) -> None:
-        with self._lock, self._transaction():
+        with self._lock, self._db.transaction():
             self._set_meta(key, value)
 
-    def count(self) -> int:
+    def count(self, *, through_id: int | None = None) -> int:
+        """How many images are stored (with an id up to `through_id`, when given)."""
+        below = "" if through_id is None else f" WHERE id <= {int(through_id)}"
         with self._lock:
-            return self._db.execute("SELECT count(*) FROM images").fetchone()[0]
+            return self._db.execute(f"SELECT count(*) FROM images{below}").fetchone()[0]
+
+    def removals(self) -> int:
+        """How many images were ever removed from this store: another process's vectors compare it with the
+        number they saw, which is cheaper than counting the images."""
+        return self.meta("removals") or 0
 
     def max_id(self) -> int:
         """The largest id present, 0 when the store is empty."""
@@ -275,8 +316,9 @@ class Store:
         added or, on any error, none. Returns the new ids in entry order.
 
         A content hash that is already stored, or that occurs twice in `entries`, is a `DuplicateImageError`:
-        callers skip known files with `hashes_present` first. Adding an image clears its location's failure
-        record. The first add records the embedding dimension; later adds must match it.
+        callers skip known files with `hashes_present` first (and, when processes share the store, skip what
+        another one added meanwhile). Adding an image clears its location's failure record. The first add
+        records the embedding dimension; later adds must match it.
         """
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or len(embeddings) != len(entries):
@@ -294,18 +336,14 @@ class Store:
                     f"entry {number} ({entry.location!r}) has the same content hash as entry {first} "
                     f"({entries[first].location!r}): the same image twice in one batch"
                 )
-        with self._lock, self._transaction():
+        with self._lock, self._db.transaction():
             dimension = self._meta("dimension")
             if dimension is None:
                 self._set_meta("dimension", embeddings.shape[1])
             elif dimension != embeddings.shape[1]:
                 raise IndexMismatchError(f"this store holds {dimension}-d embeddings, not {embeddings.shape[1]}-d")
-            stored = dict(
-                self._db.execute(
-                    "SELECT content_hash, location FROM images WHERE content_hash IN (SELECT value FROM json_each(?))",
-                    (json.dumps(list(seen)),),
-                )
-            )
+            condition, hashes = self._db.in_list("content_hash", list(seen))
+            stored = dict(self._db.execute(f"SELECT content_hash, location FROM images WHERE {condition}", (hashes,)))
             for number, entry in enumerate(entries):
                 known = rows[number]["content_hash"]
                 if known in stored:
@@ -313,41 +351,38 @@ class Store:
                         f"entry {number} ({entry.location!r}): content hash {known} is already stored "
                         f"(from {stored[known]!r}); skip known files with hashes_present"
                     )
-            ids = []
-            for row, entry in zip(rows, entries, strict=True):
-                image_id = self._db.execute(_INSERT, row).lastrowid
-                ids.append(image_id)
-                labels = {label.strip() for label in (row["true_code"], *entry.labels) if label}
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO image_labels (label, image_id) VALUES (?, ?)",
-                    [(label, image_id) for label in labels],
-                )
-            self._db.execute(
-                "DELETE FROM failures WHERE location IN (SELECT value FROM json_each(?))",
-                (json.dumps([entry.location for entry in entries]),),
+            ids = self._db.insert_returning(_INSERT, [[row[column] for column in _COLUMNS] for row in rows])
+            self._db.executemany(
+                _ADD_LABEL,
+                [
+                    (label, image_id)
+                    for row, entry, image_id in zip(rows, entries, ids, strict=True)
+                    for label in sorted({label.strip() for label in (row["true_code"], *entry.labels) if label})
+                ],
             )
+            condition, locations = self._db.in_list("location", [entry.location for entry in entries])
+            self._db.execute(f"DELETE FROM failures WHERE {condition}", (locations,))
         return np.array(ids, dtype=np.int64)
 
     def remove(self, ids: Sequence[int]) -> None:
-        """Delete the images with `ids` for good: their rows, their labels, and (by secure_delete and a WAL
-        checkpoint) their bytes on disk. An unknown id is an `UnknownImageError` and nothing is removed."""
+        """Delete the images with `ids` for good: their rows, their labels, and in SQLite (by secure_delete
+        and a WAL checkpoint) their bytes on disk. An unknown id is an `UnknownImageError` and nothing is
+        removed."""
         ids = sorted({int(i) for i in ids})
         with self._lock:
-            with self._transaction():
+            with self._db.transaction():
                 missing = set(ids) - set(self._present(ids))
                 if missing:
                     raise UnknownImageError(
                         f"no image with id {', '.join(map(str, sorted(missing)[:10]))} in this index"
                     )
                 for chunk in _chunks(ids):
-                    self._db.execute(
-                        "DELETE FROM image_labels WHERE image_id IN (SELECT value FROM json_each(?))",
-                        (_json_ids(chunk),),
-                    )
-                    self._db.execute(
-                        "DELETE FROM images WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),)
-                    )
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    condition, chosen = self._db.in_list("image_id", chunk)
+                    self._db.execute(f"DELETE FROM image_labels WHERE {condition}", (chosen,))
+                    condition, chosen = self._db.in_list("id", chunk)
+                    self._db.execute(f"DELETE FROM images WHERE {condition}", (chosen,))
+                self._set_meta("removals", (self._meta("removals") or 0) + len(ids))
+            self._db.removed()
 
     def set_true_code(self, image_id: int, code: str) -> None:
         """Record the true code or label of a stored image (an annotator's accepted or corrected proposal);
@@ -356,7 +391,7 @@ class Store:
         if not true_code:
             raise QueryError(f"image {image_id}: the true code must be a non-empty text")
         assignments = ", ".join(f"{column} = ?" for column in _axis_columns("true") + _axis_columns("best"))
-        with self._lock, self._transaction():
+        with self._lock, self._db.transaction():
             row = self._db.execute("SELECT true_code, labels FROM images WHERE id = ?", (image_id,)).fetchone()
             if row is None:
                 raise UnknownImageError(f"no image with id {image_id} in this index")
@@ -366,10 +401,11 @@ class Store:
                 (true_code, *true_axes, *true_axes, image_id),
             )
             if old and old not in extra_labels:
-                self._db.execute("DELETE FROM image_labels WHERE label = ? AND image_id = ?", (old, image_id))
-            self._db.execute(
-                "INSERT OR IGNORE INTO image_labels (label, image_id) VALUES (?, ?)", (true_code, image_id)
-            )
+                self._db.execute(
+                    f"DELETE FROM image_labels WHERE {self._db.nocase_equals('label')} AND image_id = ?",
+                    (old, image_id),
+                )
+            self._db.execute(_ADD_LABEL, (true_code, image_id))
 
     def id_for_hash(self, content_hash: str) -> int | None:
         """The id of the image with this content hash, or None."""
@@ -388,12 +424,8 @@ class Store:
     def _present(self, ids: Sequence[int]) -> list[int]:
         found = []
         for chunk in _chunks(ids):
-            found += [
-                row[0]
-                for row in self._db.execute(
-                    "SELECT id FROM images WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),)
-                )
-            ]
+            condition, chosen = self._db.in_list("id", chunk)
+            found += [row[0] for row in self._db.execute(f"SELECT id FROM images WHERE {condition}", (chosen,))]
         return found
 
     def get(self, ids: Sequence[int]) -> list[ImageRow]:
@@ -403,7 +435,7 @@ class Store:
     def embeddings(self, ids: Sequence[int]) -> np.ndarray:
         """The stored unit-norm embeddings of `ids` (n x d float32), in the order given."""
         vectors = self._by_id(ids, "id, embedding", lambda row: np.frombuffer(row[1], dtype=np.float32))
-        dimension = self._meta("dimension") or 0
+        dimension = self.meta("dimension") or 0
         return np.array(vectors, dtype=np.float32).reshape(len(vectors), dimension)
 
     def _by_id(self, ids: Sequence[int], columns: str, make: Callable[[Sequence[Any]], Any]) -> list[Any]:
@@ -411,10 +443,8 @@ class Store:
         found: dict[int, Any] = {}
         with self._lock:
             for chunk in _chunks(sorted(set(wanted))):
-                cursor = self._db.execute(
-                    f"SELECT {columns} FROM images WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(chunk),)
-                )
-                for row in cursor:
+                condition, chosen = self._db.in_list("id", chunk)
+                for row in self._db.execute(f"SELECT {columns} FROM images WHERE {condition}", (chosen,)):
                     found[row[0]] = make(row)
         missing = [i for i in wanted if i not in found]
         if missing:
@@ -423,35 +453,27 @@ class Store:
 
     def query(self, filters: Filters) -> np.ndarray:
         """The ids (sorted int64) of the images that pass `filters`."""
-        condition, params = filter_sql(filters)
+        condition, params = filter_sql(filters, self._db)
         with self._lock:
             cursor = self._db.execute(f"SELECT id FROM images WHERE {condition} ORDER BY id", params)
             return np.fromiter((row[0] for row in cursor), dtype=np.int64)
 
     def hashes_present(self, hashes: Iterable[str]) -> set[str]:
         """Which of `hashes` (sha256 hex, any case) are stored, in lower case."""
-        wanted = sorted({h.lower() for h in hashes})
-        present: set[str] = set()
-        with self._lock:
-            for chunk in _chunks(wanted):
-                cursor = self._db.execute(
-                    "SELECT content_hash FROM images WHERE content_hash IN (SELECT value FROM json_each(?))",
-                    (json.dumps(list(chunk)),),
-                )
-                present.update(row[0] for row in cursor)
-        return present
+        return self._present_values("content_hash", {h.lower() for h in hashes})
 
     def locations_present(self, locations: Iterable[str]) -> set[str]:
         """Which of these location texts an indexed image has (a PACS sync's "already fetched")."""
-        wanted = sorted(set(locations))
+        return self._present_values("location", set(locations))
+
+    def _present_values(self, column: str, wanted: set[str]) -> set[str]:
         present: set[str] = set()
         with self._lock:
-            for chunk in _chunks(wanted):
-                cursor = self._db.execute(
-                    "SELECT location FROM images WHERE location IN (SELECT value FROM json_each(?))",
-                    (json.dumps(list(chunk)),),
+            for chunk in _chunks(sorted(wanted)):
+                condition, chosen = self._db.in_list(column, chunk)
+                present.update(
+                    row[0] for row in self._db.execute(f"SELECT {column} FROM images WHERE {condition}", (chosen,))
                 )
-                present.update(row[0] for row in cursor)
         return present
 
     def content_hashes(self) -> Iterator[str]:
@@ -461,23 +483,32 @@ class Store:
         return (row[0] for row in rows)
 
     def iter_embeddings(
-        self, *, after_id: int = 0, batch: int = 4096, ids: Sequence[int] | np.ndarray | None = None
+        self,
+        *,
+        after_id: int = 0,
+        before_id: int | None = None,
+        batch: int = 4096,
+        ids: Sequence[int] | np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (ids int64, embeddings float32 n x d) batches in id order: every image after `after_id`,
-        or only those of `ids`. Each batch is one short query, so a long stream never holds the lock."""
+        """Stream (ids int64, embeddings float32 n x d) batches in id order: every image after `after_id`
+        (and before `before_id`), or only those of `ids`. Each batch is one short query, so a long stream
+        never holds the lock."""
         if ids is not None:
             selected = np.unique(np.asarray(ids, dtype=np.int64))
-            query = "SELECT id, embedding FROM images WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
             for chunk in _chunks(selected[selected > after_id], batch):
+                condition, chosen = self._db.in_list("id", [int(i) for i in chunk])
                 with self._lock:
-                    rows = self._db.execute(query, (_json_ids(chunk),)).fetchall()
+                    rows = self._db.execute(
+                        f"SELECT id, embedding FROM images WHERE {condition} ORDER BY id", (chosen,)
+                    ).fetchall()
                 if rows:
                     yield _embedding_batch(rows)
             return
+        below = "" if before_id is None else f" AND id < {int(before_id)}"
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT id, embedding FROM images WHERE id > ? ORDER BY id LIMIT ?", (after_id, batch)
+                    f"SELECT id, embedding FROM images WHERE id > ?{below} ORDER BY id LIMIT ?", (after_id, batch)
                 ).fetchall()
             if not rows:
                 return
@@ -490,9 +521,10 @@ class Store:
         """Record (location, reason) pairs of files that could not be indexed. A location keeps only its
         latest failure, and loses it when the image is added later."""
         at = _now()
-        with self._lock, self._transaction():
+        with self._lock, self._db.transaction():
             self._db.executemany(
-                "INSERT OR REPLACE INTO failures (location, reason, at) VALUES (?, ?, ?)",
+                "INSERT INTO failures (location, reason, at) VALUES (?, ?, ?) "
+                "ON CONFLICT (location) DO UPDATE SET reason = excluded.reason, at = excluded.at",
                 [(str(location), str(reason), at) for location, reason in rows],
             )
 
@@ -501,19 +533,6 @@ class Store:
         with self._lock:
             cursor = self._db.execute("SELECT location, reason, at FROM failures ORDER BY at, location")
             return [{"location": location, "reason": reason, "at": at} for location, reason, at in cursor]
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind, value, traceback) -> None:
-        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
 def _embedding_batch(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:

@@ -13,9 +13,16 @@ to its manifest's last id, minus those removed since. Opening therefore (1) rebu
 the files are missing, unreadable, do not match each other (checksum) or were made for another
 dimension, model or index type; (2) otherwise adds the store's images after the last id (catch-up after
 a crash between writes); (3) rebuilds when the count still differs from the store's (images removed after
-the last write). So whenever a process dies, the next open ends with an index equal to the store.
+the last write). So whenever a process dies, the next open ends with an index equal to the store. An
+on-disk type (``ondisk:<factory>``, `cbmir.index.ondisk`) keeps its vectors in two row files beside the
+index file, which the manifest describes too (``row_files``: rows and a sha256 per block); they are checked,
+cut back or rebuilt under the same rules.
 
-The caller (the engine) serialises access and holds the folder lock, so no other process writes here.
+The caller (the engine) serialises access and holds the folder lock, so no other process writes here. The
+store may be shared (PostgreSQL): then other processes, each with a vector folder of its own, add and remove
+images too. Their ids are committed in id order (one writer at a time), so an add first takes in the ids
+below its own (`add`), and `refresh` takes in their adds, and rebuilds after their removals (the store
+counts removals, so finding that none happened costs one query); the same three steps as opening.
 """
 
 from __future__ import annotations
@@ -35,6 +42,18 @@ import numpy as np
 from cbmir.files import file_digest
 from cbmir.index.errors import IndexConfigError
 from cbmir.index.filters import Filters
+from cbmir.index.ondisk import (
+    IDS_FILE,
+    MAX_WIDEN,
+    ONDISK,
+    ROWS_FILE,
+    OnDiskIndex,
+    centroids,
+    compressed_factory,
+    faiss_message,
+    id_bitmap,
+    new_compressed,
+)
 from cbmir.index.store import Store
 from cbmir.stamp import stamp_digest
 
@@ -43,7 +62,6 @@ MANIFEST_FORMAT = 1
 TRAIN_PER_CENTROID = 39  # FAISS k-means warns below 39 training vectors per centroid
 SAMPLE_PER_CENTROID = 64
 GPU_MAX_K = 2048  # the largest k FAISS GPU indexes search
-MAX_WIDEN = 256  # how far a filtered HNSW search widens ef_search before it settles for fewer hits
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +71,43 @@ class IndexPolicy:
     """When to use which index type, and how hard approximate indexes search.
 
     Automatic types by vector count: exact ``Flat`` below `hnsw_from` (one 512-d query over 100k vectors
-    takes about 5 ms on 2 CPU cores, over 1M about 65 ms: see benchmarks/speed.py); ``HNSW32`` below
+    takes about 7 ms on 2 shared CPU cores, over 1M about 69 ms: BENCHMARKS.md, large_index); ``HNSW32`` below
     `ivf_from` (builds at about 2,400 vectors/s on 2 cores, and cannot remove, so a removal rebuilds it);
     ``IVF{n},Flat`` from `ivf_from`, n = 4·sqrt(count) rounded down to a power of two and at most count / 39,
-    trained on a sample of 64 vectors per list. An IVF type named by the user is used once the store holds 39
-    vectors per list; ``Flat`` until then.
+    trained on a sample of 64 vectors per list; the on-disk type (`ondisk_type`) from `ondisk_from`, where
+    IVF,Flat's float32 vectors would hold 4 GB of memory (2,056 bytes each) and the on-disk index holds 72
+    bytes per vector in memory and answered with recall@10 1.00 in 3.2 ms at 10^6, 0.99 in 7.1 ms at 10^7
+    (p50, `ondisk_nprobe` 16, `rerank` 40: the codes limit recall, not the lists probed; 8 lists gave the same
+    recall, 16 leave a margin for embeddings less clustered than the benchmark's, 32 cost twice the time;
+    rerank 20 gives 0.97 and 10 gives 0.92 at 10^7). An IVF type named by the user is used once
+    the store holds 39 vectors per centroid of its largest k-means (lists, PQ codewords); ``Flat`` until then.
 
     Filtered searches are exact on ``Flat``. On approximate types they are exact too while at most
     `exact_filter_limit` images match (only the matching vectors are scored: the flat storage under the
-    HNSW graph, every IVF list); beyond that FAISS searches with a selector of the matching ids, as hard as
-    an unfiltered search (`ef_search`, `nprobe`), widened only while it finds fewer than k of them.
+    HNSW graph, every IVF list; `ondisk_exact_limit` for the on-disk type, whose float16 rows, read through
+    a memory map, cost about 1.6 ms per 1,000, where its selector search took 9-11 ms at 10^7); beyond that
+    FAISS searches with a selector of the matching ids, as hard as an unfiltered search (`ef_search`,
+    `nprobe`), widened only while it finds fewer than k of them (the on-disk type starts wider, by
+    sqrt(count / matching), and re-ranks `rerank` × k candidates).
     """
 
     hnsw_from: int = 200_000
     ivf_from: int = 1_000_000
+    ondisk_from: int = 2_000_000
     exact_filter_limit: int = 50_000
+    ondisk_exact_limit: int = 5_000
     ef_search: int = 128
     nprobe: int = 64
+    ondisk_nprobe: int = 16
+    rerank: int = 40
     write_every: int = 100_000
+
+
+def ondisk_type(count: int) -> str:
+    """The automatic on-disk type for `count` vectors: 64-byte PQ codes (no OPQ: its training takes minutes
+    on 2 cores, see BENCHMARKS.md, large_index), sqrt(count) / 4 lists rounded to a power of two (1024 at
+    10^7)."""
+    return f"{ONDISK}IVF{1 << round(math.log2(math.sqrt(count) / 4))},PQ64"
 
 
 def automatic_type(count: int, policy: IndexPolicy) -> str:
@@ -78,41 +115,37 @@ def automatic_type(count: int, policy: IndexPolicy) -> str:
         return "Flat"
     if count < policy.ivf_from:
         return "HNSW32"
+    if count >= policy.ondisk_from:
+        return ondisk_type(count)
     lists = min(4 * math.sqrt(count), count / TRAIN_PER_CENTROID)  # FAISS's 4·sqrt(n) rule, if trainable
     return f"IVF{1 << max(0, math.floor(math.log2(max(lists, 1))))},Flat"
 
 
-def _faiss_message(error: RuntimeError) -> str:
-    """The readable end of a FAISS exception ("Error in <signature> at <file>:<line>: <message>")."""
-    return str(error).strip().splitlines()[0].rsplit(": ", 1)[-1]
-
-
 def _empty_index(dimension: int, index_type: str) -> faiss.Index:
     """A new index of `index_type`, with store ids. Only types that keep vectors uncompressed (Flat, HNSW
-    over flat storage, IVF with flat lists) are accepted, so that a filtered search can always be exact."""
-    hint = "use Flat, HNSW{M} (such as HNSW32) or IVF{lists},Flat (such as IVF1024,Flat)"
+    over flat storage, IVF with flat lists) are accepted, so that a filtered search can always be exact; an
+    on-disk type gives its compressed index, untrained (`OnDiskIndex.create` adds the row files)."""
+    factory = compressed_factory(index_type)
+    if factory is not None:
+        return new_compressed(dimension, factory)
+    hint = (
+        "use Flat, HNSW{M} (such as HNSW32), IVF{lists},Flat (such as IVF1024,Flat) or, to keep the vectors on "
+        "disk, ondisk:{IVF factory} (such as ondisk:IVF1024,PQ64)"
+    )
     try:
         index = faiss.index_factory(dimension, index_type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         raise IndexConfigError(
             f"index type {index_type!r}: FAISS cannot build it for {dimension}-d vectors "
-            f"({_faiss_message(error)}); {hint}"
+            f"({faiss_message(error)}); {hint}"
         ) from None
     if not isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)):
         raise IndexConfigError(f"index type {index_type!r} compresses or transforms the vectors; {hint}")
     return index if isinstance(index, faiss.IndexIVF) else faiss.IndexIDMap2(index)
 
 
-def _bitmap(members: np.ndarray) -> faiss.IDSelector:
-    """A FAISS selector of these ids (or positions) as a bitmap: one bit test per candidate vector, cheaper
-    than the hash lookup of IDSelectorBatch."""
-    passing = np.zeros(int(members.max()) + 1 if len(members) else 1, dtype=bool)
-    passing[members] = True
-    return faiss.IDSelectorBitmap(np.packbits(passing, bitorder="little"))
-
-
 def _training_minimum(index: faiss.Index) -> int:
-    return 0 if index.is_trained else TRAIN_PER_CENTROID * index.nlist  # only IVF needs training
+    return 0 if index.is_trained else TRAIN_PER_CENTROID * centroids(index)  # only IVF needs training
 
 
 def _as_float32(array: np.ndarray) -> np.ndarray:
@@ -144,6 +177,7 @@ class Vectors:
         self.index: faiss.Index | None = None
         self.type: str | None = None
         self._last_id = 0  # every stored id up to this one is in the index, unless removed since
+        self._removals = store.removals()  # the store's removal count the index reflects (see refresh)
         self._unsaved = 0
         # a GPU replica for unfiltered searches, None until made, False when impossible
         self._gpu: faiss.Index | bool | None = None
@@ -187,11 +221,8 @@ class Vectors:
         wanted = self._wanted_type(dimension)
         problem = self._load(dimension, wanted)
         if problem is None:
-            caught_up = 0
-            for ids, vectors in self.store.iter_embeddings(after_id=self._last_id):
-                self._add(ids, vectors)
-                caught_up += len(ids)
-            if self._ready.ntotal == self.store.count():
+            caught_up = self._catch_up()
+            if self._ready.ntotal == self.store.count(through_id=self._last_id):
                 if caught_up:
                     log.info("%s: added %d images stored after its last write", self.index_path, caught_up)
                     self._write(dimension)
@@ -232,9 +263,13 @@ class Vectors:
         try:
             index = faiss.read_index(str(self.index_path))
         except RuntimeError as error:
-            return f"{INDEX_FILE} cannot be read ({_faiss_message(error)})"
+            return f"{INDEX_FILE} cannot be read ({faiss_message(error)})"
         if index.ntotal != manifest.get("count") or index.d != dimension:
             return f"{INDEX_FILE} holds {index.ntotal} {index.d}-d vectors, its manifest says otherwise"
+        if compressed_factory(wanted) is not None:
+            index = OnDiskIndex.open(self.folder, index, manifest.get("row_files"))
+            if isinstance(index, str):
+                return index
         self.index, self.type, self._last_id = index, wanted, int(manifest["last_id"])
         self._changed()
         return None
@@ -243,6 +278,8 @@ class Vectors:
         index = _empty_index(dimension, index_type)
         if not index.is_trained:
             index.train(self._training_sample(index))
+        if compressed_factory(index_type) is not None:
+            index = OnDiskIndex.create(self.folder, index)
         self.index, self.type, self._last_id = index, index_type, 0
         self._changed()
         for ids, vectors in self.store.iter_embeddings():
@@ -250,7 +287,7 @@ class Vectors:
 
     def _training_sample(self, index: faiss.IndexIVF) -> np.ndarray:
         ids = self.store.query(Filters())
-        size = min(len(ids), SAMPLE_PER_CENTROID * index.nlist)
+        size = min(len(ids), SAMPLE_PER_CENTROID * centroids(index))
         chosen = np.random.default_rng(0).choice(ids, size, replace=False)
         return _as_float32(np.concatenate([vectors for _, vectors in self.store.iter_embeddings(ids=chosen)]))
 
@@ -263,9 +300,11 @@ class Vectors:
             )
             self._rebuild(dimension, wanted)
         written: dict[str, tuple[int, str]] = {}
+        index = self._ready
+        row_files = index.sync() if isinstance(index, OnDiskIndex) else None  # durable before the manifest
 
         def write_index(path: Path) -> None:
-            faiss.write_index(self._ready, str(path))
+            faiss.write_index(index.compressed if isinstance(index, OnDiskIndex) else index, str(path))
             written["file"] = file_digest(path, sync=True)
 
         _replace_atomically(self.index_path, write_index)
@@ -279,6 +318,7 @@ class Vectors:
             "last_id": self._last_id,
             "size": size,
             "sha256": digest,
+            **({"row_files": row_files} if row_files is not None else {}),
             "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
@@ -289,6 +329,9 @@ class Vectors:
                 os.fsync(file.fileno())
 
         _replace_atomically(self.manifest_path, write_manifest)
+        if row_files is None:  # those of an on-disk type used before
+            for name in (ROWS_FILE, IDS_FILE):
+                (self.folder / name).unlink(missing_ok=True)
         directory = os.open(self.folder, os.O_RDONLY)
         try:
             os.fsync(directory)  # make the renames durable
@@ -318,8 +361,39 @@ class Vectors:
         self._last_id = max(self._last_id, int(ids.max()))
         self._changed()
 
+    def _catch_up(self, before_id: int | None = None) -> int:
+        """Add the store's images after the last id held (and before `before_id`); how many there were."""
+        added = 0
+        for ids, vectors in self.store.iter_embeddings(after_id=self._last_id, before_id=before_id):
+            self._add(ids, vectors)
+            added += len(ids)
+        self._unsaved += added
+        return added
+
+    def refresh(self) -> bool:
+        """Take in what other processes sharing the store changed since: the images they added (after the
+        last id held: ids are committed in order) are added, and when they removed images (the store's
+        removal count moved) and the index holds others than the store, it is rebuilt. Two short indexed
+        queries when nothing changed. Returns whether the index changed."""
+        dimension = self.store.meta("dimension")
+        if dimension is None:
+            return False
+        self.prepare(dimension)
+        removals = self.store.removals()
+        changed = self._catch_up() > 0
+        if removals != self._removals:
+            self._removals = removals
+            if self._ready.ntotal != self.store.count(through_id=self._last_id):
+                log.info("rebuilding %s: images were removed from the store by another process", self.index_path)
+                self._rebuild(dimension, self.type or self._wanted_type(dimension))
+                self._write(dimension)
+                changed = True
+        return changed
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add vectors already stored under `ids`; writes the index every `write_every` vectors."""
+        """Add vectors just stored under `ids`, after any that other processes stored before them; writes
+        the index every `write_every` vectors."""
+        self._catch_up(before_id=int(ids.min()))
         self._add(ids, vectors)
         self._unsaved += len(ids)
         if self._unsaved >= self.policy.write_every:
@@ -333,8 +407,12 @@ class Vectors:
         Index types that cannot remove (HNSW) are rebuilt from the store."""
         if self.index is None or self.type is None:  # both are set together
             return
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
         try:
-            removed = self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
+            if isinstance(self.index, OnDiskIndex):
+                removed = self.index.remove(ids)
+            else:
+                removed = self.index.remove_ids(faiss.IDSelectorBatch(ids))
         except RuntimeError:
             removed = None
         if removed != len(ids):
@@ -351,6 +429,16 @@ class Vectors:
         if self.index is None or self.index.ntotal == 0 or (within is not None and len(within) == 0):
             return nothing
         query = _as_float32(query.reshape(1, -1))
+        if isinstance(self.index, OnDiskIndex):
+            policy = self.policy
+            return self.index.search(
+                query[0],
+                k,
+                within,
+                nprobe=policy.ondisk_nprobe,
+                rerank=policy.rerank,
+                exact_limit=policy.ondisk_exact_limit,
+            )
         replica = self._gpu_replica() if within is None and k <= GPU_MAX_K else None
         if replica is not None:
             scores, ids = replica.search(query, k)
@@ -359,9 +447,9 @@ class Vectors:
         elif within is None:
             scores, ids = self.index.search(query, k, params=self._parameters(k, None, 1))
         elif len(within) <= self.policy.exact_filter_limit:
-            scores, ids = self._exact(query, k, _bitmap(within))
+            scores, ids = self._exact(query, k, id_bitmap(within))
         else:
-            scores, ids = self._filtered_approximate(query, k, _bitmap(within), len(within))
+            scores, ids = self._filtered_approximate(query, k, id_bitmap(within), len(within))
         found = ids[0] >= 0  # FAISS pads with -1 when fewer than k vectors qualify
         return ids[0][found], scores[0][found]
 
@@ -386,7 +474,7 @@ class Vectors:
             positions = np.searchsorted(ids, within)
             positions = positions[(positions < len(ids)) & (ids[np.minimum(positions, len(ids) - 1)] == within)]
             if len(positions) * 2 <= len(ids):
-                params = faiss.SearchParameters(sel=_bitmap(positions))
+                params = faiss.SearchParameters(sel=id_bitmap(positions))
                 scores, found = self._ready.index.search(query[None], k, params=params)
                 keep = found[0] >= 0
                 return ids[found[0][keep]], scores[0][keep]
@@ -443,5 +531,5 @@ class Vectors:
                         faiss.GpuParameterSpace().set_index_parameter(replica, "nprobe", self.policy.nprobe)
                     self._gpu = replica
                 except RuntimeError as error:  # types FAISS cannot put on a GPU, such as HNSW
-                    log.info("searching %s on the CPU: %s", self.type, _faiss_message(error))
+                    log.info("searching %s on the CPU: %s", self.type, faiss_message(error))
         return self._gpu or None

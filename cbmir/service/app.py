@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from cbmir.access import AuditTrail, UserDirectory
 from cbmir.embed import Embedder
-from cbmir.index import STORE_FILE
+from cbmir.index.engine import store_location
 from cbmir.index.store import Store
 from cbmir.irma import CodeTables
 from cbmir.search import Retrieval
@@ -62,7 +62,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         batch_wait_ms=settings.batch_wait_ms,
         threads=settings.threads,
     )
-    retrieval = Retrieval.open(settings.db, embedder)
+    retrieval = Retrieval.open(settings.db, embedder, vectors=settings.vectors)
     catalog = Catalog(
         retrieval,
         tables,
@@ -72,7 +72,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         allow_originals=settings.allow_originals,
     )
 
-    access_store = Store(settings.db / STORE_FILE)  # its own connection: audit writes never wait for searches
+    access_store = Store(store_location(settings.db))  # its own connection: audit writes never wait for searches
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

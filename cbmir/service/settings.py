@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from cbmir.errors import CbmirError
+from cbmir.index.database import is_database_url
 from cbmir.locations import LocationError, PacsInstance
 from cbmir.pacs import PacsSettings
 from cbmir.refine import Rocchio
@@ -18,12 +19,22 @@ TOKEN_ENV = f"{ENV_PREFIX}TOKEN"
 MEGABYTE = 1 << 20
 
 
+def _index_location(value: object) -> object:
+    """A PostgreSQL URL stays text; any other text is a folder."""
+    return Path(value) if isinstance(value, str) and not is_database_url(value) else value
+
+
+IndexLocation = Annotated[Path | str, BeforeValidator(_index_location)]
+"""An index: its folder, or the ``postgresql://`` URL of its store (with `vectors`, from `Settings`)."""
+
+
 class ServiceConfigError(CbmirError):
     """A service configuration that cannot be used (or would expose images to anyone)."""
 
 
 class ServiceSettings(PacsSettings):
-    """`token`: the bearer token every /v1 request must carry (None: no token, loopback only).
+    """`db`: the index, a folder or a PostgreSQL URL (its vectors then in `vectors`, from `Settings`).
+    `token`: the bearer token every /v1 request must carry (None: no token, loopback only).
     `max_upload_bytes`: the largest request body; `body_timeout_seconds`: the longest a request body may
     pause before it is answered 408; `max_pixels` (from `Settings`): the largest image.
     `allow_originals`: serve the original files, not only thumbnails. `cors_origins`: web origins allowed to
@@ -40,7 +51,7 @@ class ServiceSettings(PacsSettings):
     credentials, timeout and retries) and the viewer that each hit links to (`viewer_url`).
     Each is also read from ``CBMIR_<NAME>`` (``CBMIR_TOKEN``, ``CBMIR_PACS_URL``...)."""
 
-    db: Path
+    db: IndexLocation
     model: Path
     token: str | None = None
     host: str = "127.0.0.1"

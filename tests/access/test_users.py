@@ -1,10 +1,10 @@
-"""Users and their tokens on a real SQLite store: only a salted hash is kept, rotated and disabled tokens
-are refused at once, and a second process sees the same users."""
+"""Users and their tokens on a real store, SQLite and PostgreSQL: only a salted hash is kept, rotated and
+disabled tokens are refused at once, and a second process sees the same users."""
 
 from __future__ import annotations
 
 import hashlib
-import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -14,13 +14,13 @@ from cbmir.index.store import Store
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "store.sqlite")
+def store(store_location):
+    store = Store(store_location)
     yield store
     store.close()
 
 
-def test_a_token_lets_its_user_in_and_is_never_stored(store, tmp_path):
+def test_a_token_lets_its_user_in_and_is_never_stored(store, store_location):
     users = UserDirectory(store)
     token = users.add("ada", Role.annotator)
     assert TOKEN_SHAPE.fullmatch(token)
@@ -28,10 +28,13 @@ def test_a_token_lets_its_user_in_and_is_never_stored(store, tmp_path):
     assert user is not None and (user.name, user.role) == ("ada", Role.annotator)
     assert users.authenticate(token) == user  # the remembered check gives the same answer
     secret = token.split("_", 2)[2]
-    raw = (tmp_path / "store.sqlite").read_bytes() + (tmp_path / "store.sqlite-wal").read_bytes()
-    assert secret.encode() not in raw and token.encode() not in raw
-    with sqlite3.connect(tmp_path / "store.sqlite") as db:
-        salt, digest = db.execute("SELECT token_salt, token_hash FROM users").fetchone()
+    if isinstance(store_location, Path):
+        raw = store_location.read_bytes() + Path(f"{store_location}-wal").read_bytes()
+        assert secret.encode() not in raw and token.encode() not in raw
+    with store.reading() as db:
+        row = db.execute("SELECT * FROM users").fetchone()
+    assert not any(token in str(value) or secret in str(value) for value in row)
+    salt, digest = row[3], row[4]
     assert digest == hashlib.scrypt(secret.encode(), salt=salt, n=1 << 14, r=8, p=1, dklen=32)
 
 
@@ -53,14 +56,14 @@ def test_wrong_tokens_are_refused(store, change):
     assert users.authenticate(forged) is None
 
 
-def test_rotating_and_disabling_take_effect_at_once(store, tmp_path):
+def test_rotating_and_disabling_take_effect_at_once(store, store_location):
     users = UserDirectory(store)
     old = users.add("ada", Role.reader)
     assert users.authenticate(old) is not None  # now remembered as verified
     new = users.rotate("ada")
     assert users.authenticate(old) is None and users.authenticate(new) is not None
     # a change made by another process (the `cbmir users` command beside a running server)
-    other = Store(tmp_path / "store.sqlite")
+    other = Store(store_location)
     UserDirectory(other).set_disabled("ada", True)
     other.close()
     assert users.authenticate(new) is None

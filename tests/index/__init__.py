@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 
 from cbmir.index import Filters, Hit, ImageEntry, ModelStamp
+from cbmir.index.ondisk import OnDiskIndex
 from cbmir.irma import IrmaCode, matches
 
 TEST_NET = {"architecture": {"name": "test-net"}, "created": "2024-01-01T00:00:00+00:00"}
@@ -132,10 +133,13 @@ def recall(hits: list[Hit], query: np.ndarray, vectors: dict[int, np.ndarray], k
 
 
 def index_ids(engine) -> set[int]:
-    """The ids held by the engine's FAISS index (white box: the id map, or the IVF lists)."""
+    """The ids held by the engine's FAISS index (white box: the id map, or the IVF lists, also those of an on-disk
+    index's compressed index)."""
     index = engine._vectors.index
     if index is None:
         return set()
+    if isinstance(index, OnDiskIndex):
+        index = faiss.extract_index_ivf(index.compressed)
     if isinstance(index, faiss.IndexIVF):
         lists = index.invlists
         return {

@@ -17,16 +17,19 @@ SMALL = IndexPolicy(hnsw_from=1000, ivf_from=3000, nprobe=4)  # 4 of 64 lists at
 @pytest.mark.parametrize(
     "count, expected",
     [(0, "Flat"), (199_999, "Flat"), (200_000, "HNSW32"), (999_999, "HNSW32"), (1_000_000, "IVF2048,Flat"),
-     (4_000_000, "IVF4096,Flat"), (20_000_000, "IVF16384,Flat")],
+     (1_999_999, "IVF4096,Flat"), (2_000_000, "ondisk:IVF256,PQ64"), (4_000_000, "ondisk:IVF512,PQ64"),
+     (10_000_000, "ondisk:IVF1024,PQ64"), (100_000_000, "ondisk:IVF2048,PQ64")],
 )  # fmt: skip
 def test_the_default_thresholds(count, expected):
     assert automatic_type(count, IndexPolicy()) == expected
 
 
 def test_automatic_ivf_lists_can_always_be_trained():
-    for count in (3000, 10_000, 10**6, 10**8):
-        lists = int(automatic_type(count, SMALL)[3:].split(",")[0])
-        assert lists & (lists - 1) == 0 and count >= vectors_module.TRAIN_PER_CENTROID * lists
+    for count in (3000, 10_000, 10**6, 2 * 10**6, 10**8):
+        chosen = automatic_type(count, SMALL)
+        lists = int(chosen.split("IVF")[1].split(",")[0])
+        centroids = max(lists, 256) if chosen.startswith("ondisk:") else lists  # PQ64 trains 256 codewords
+        assert lists & (lists - 1) == 0 and count >= vectors_module.TRAIN_PER_CENTROID * centroids
 
 
 @pytest.fixture(scope="module")
