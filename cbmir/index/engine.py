@@ -143,6 +143,9 @@ class Engine:
         self._lock_handle: int | None = lock  # None once closed
         self._lock = threading.RLock()
         self._refresh_seconds, self._refreshed = refresh_seconds, time.monotonic()
+        # Only a PostgreSQL store has other writers: a SQLite folder is this process's alone (its lock), so
+        # its searches neither refresh nor lose their cached filter results to a refresh.
+        self._shared = store.database.kind != "sqlite"
         # ids passing recent filters: a radiologist keeps a filter for many queries, and the store query is
         # the larger part of a filtered search over a big archive. Cleared by every add and remove, and by
         # every refresh (another process may have changed codes).
@@ -359,7 +362,7 @@ class Engine:
             raise QueryError(f"filters must be a Filters, got {type(filters).__name__}")
         with self._lock:
             query = self._query_vector(vector)
-            if time.monotonic() - self._refreshed >= self._refresh_seconds:
+            if self._shared and time.monotonic() - self._refreshed >= self._refresh_seconds:
                 self.refresh()
             try:
                 return self._search(query, k, filters)
@@ -375,7 +378,7 @@ class Engine:
     def refresh(self) -> None:
         """Take in what other processes sharing the store changed: their adds and removals go into the
         vectors (see `Vectors.refresh`) and the cached filter results are dropped (they may have changed
-        codes). A search does this by itself at most every `refresh_seconds`."""
+        codes). On a PostgreSQL store a search does this by itself at most every `refresh_seconds`."""
         with self._lock:
             self._vectors.refresh()
             self._filtered.clear()
