@@ -233,6 +233,9 @@ class Summary:
         default_factory=lambda: dict.fromkeys(("read", "preprocess", "model", "write"), 0.0)
     )
     wall_seconds: float = 0.0
+    # (seconds from the run's start, images indexed) when its first batch was written: what starting the
+    # workers, the model and any cluster cost, apart from the rate after it
+    first_batch: tuple[float, int] | None = None
 
     def text(self) -> str:
         lines = [
@@ -304,6 +307,7 @@ def run_stages(
             skip_known(batch, retrieval)
             embed_batch(batch, retrieval.embedder)
             write_batch(batch, retrieval, summary)
+            note_first_batch(summary, started)
             show_progress(bar, len(batch), summary)
     bar.close()
     summary.wall_seconds += time.perf_counter() - started
@@ -328,6 +332,12 @@ def mapped_in_order(
 def progress_bar(total: int, shown: bool) -> tqdm:
     """The run's progress bar over `total` images (drawn only when `shown`)."""
     return tqdm(total=total, desc="index", unit="img", disable=not shown)
+
+
+def note_first_batch(summary: Summary, started: float) -> None:
+    """Record, once, when the run that began at `started` (`time.perf_counter`) wrote its first batch."""
+    if summary.first_batch is None:
+        summary.first_batch = (time.perf_counter() - started, summary.indexed)
 
 
 def show_progress(bar: tqdm, done: int, summary: Summary) -> None:

@@ -53,6 +53,7 @@ from indexer.pipeline import (
     embed_batch,
     files_state,
     map_record,
+    note_first_batch,
     progress_bar,
     show_progress,
     skip_known,
@@ -125,6 +126,7 @@ def index_on_ray(
                 batch: list[Mapped] = list(rows[COLUMN])
                 skip_known(batch, retrieval)
                 write_batch(batch, retrieval, summary)
+                note_first_batch(summary, started)
                 show_progress(bar, len(batch), summary)
         except ray.exceptions.RayError as error:
             raise RayIndexingError(f"the run on Ray stopped: {_cause(error)}; run it again to index the rest") from None

@@ -18,6 +18,11 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
+
+# Imported now, at collection, not lazily by the first `from_dict` deep in a test: CPython 3.11.7 can fail
+# to compile (pytest rewrites schemathesis's modules) a module imported under a deep stack ("AST constructor
+# recursion depth mismatch", seen once in CI).
+import schemathesis.specs.openapi.schemas
 from pydicom.uid import generate_uid
 
 from cbmir.embed import Embedder
