@@ -24,12 +24,12 @@ import torch
 
 from cbmir.checkpoint import Checkpoint, load_checkpoint, new_card, save_checkpoint
 from cbmir.datasets import Record, load_pixels
-from cbmir.embed import images_to_tensor
 from cbmir.errors import CbmirError
 from cbmir.export import export_graph
 from cbmir.imaging.preprocess import preset
 from cbmir.labels import LabelSchema
 from cbmir.models import create_model
+from cbmir.models.inference import images_to_tensor
 from cbmir.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cbmir.checkpoint import Checkpoint, load_checkpoint
 from cbmir.datasets import Record, load_pixels
 from cbmir.embed import Embedder, set_threads
-from cbmir.export import graph_for
+from cbmir.graph import graph_for
 from cbmir.index import Engine, Filters, ImageEntry, IndexPolicy, ModelStamp, automatic_type
 from cbmir.search import Retrieval
 from cbmir.service import ServiceSettings

@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cbmir.datasets import load_pixels
 from cbmir.embed import Embedder, set_threads
-from cbmir.export import EMBEDDING_OUTPUT, INPUT_NAME, graph_for, head_output
+from cbmir.graph import EMBEDDING_OUTPUT, INPUT_NAME, graph_for, head_output
 from common import (
     DEFAULT_MODEL_NAME,
     RESULTS,

@@ -1,6 +1,8 @@
 """A checkpoint is one folder: `model.pt` (the weights) and `card.json` (the model card: architecture, label
 schema, preprocessing pipeline, training data fingerprint, hyper-parameters, metrics, library versions).
-Loading needs nothing else: no packaged pretrained weights, no dataset, no configuration.
+Loading needs nothing else: no packaged pretrained weights, no dataset, no configuration. Loading reads and
+checks the card; the weights are read into the model when it is first asked for (`Checkpoint.model`), so a
+program that needs only the card, its preprocessing or the ONNX graph never loads torch (3 s of start-up).
 
 Saving never leaves weights without their own card, even after a crash: both files are
 written in full and fsynced in a staging folder first, then the old weights are removed, the card is moved
@@ -15,19 +17,19 @@ import pickle
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cbmir.errors import CbmirError
 from cbmir.files import write_atomically, write_atomically_with
 from cbmir.imaging.preprocess import Preprocessing
 from cbmir.labels import LabelSchema
-from cbmir.models import RadiographNet, create_model
+
+if TYPE_CHECKING:  # torch is imported when the model is built, not to read a card
+    from cbmir.models import RadiographNet
 
 CARD_FILE, WEIGHTS_FILE = "card.json", "model.pt"
 CARD_VERSION = 1
@@ -38,11 +40,33 @@ class CheckpointError(CbmirError):
     """A checkpoint folder that is missing, incomplete or does not fit its own card."""
 
 
-@dataclass
 class Checkpoint:
-    model: RadiographNet
-    card: dict[str, Any]
-    path: Path | None = None
+    """A model card and its model: given (a model in memory), or built from the weights in `path` on first
+    use."""
+
+    def __init__(self, model: RadiographNet | None, card: dict[str, Any], path: Path | None = None):
+        if model is None and path is None:
+            raise ValueError("a checkpoint without a model needs the folder of its weights")
+        self._model, self.card, self.path = model, card, path
+        self._loading = threading.Lock()
+
+    @property
+    def model(self) -> RadiographNet:
+        """The model, its weights read from the folder the first time it is asked for (a `CheckpointError`
+        names the file when they do not load)."""
+        with self._loading:
+            if self._model is None:
+                assert self.path is not None
+                self._model = _built_model(self.card, self.path / WEIGHTS_FILE)
+            return self._model
+
+    @property
+    def head_sizes(self) -> dict[str, int]:
+        return dict(self.card["architecture"]["heads"])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.card["embedding_dim"])
 
     @property
     def schema(self) -> LabelSchema:
@@ -87,6 +111,12 @@ def new_card(model: RadiographNet, schema: LabelSchema, pipeline: Preprocessing,
     }
 
 
+def _save_weights(model: RadiographNet, file: Any) -> None:
+    import torch
+
+    torch.save(model.state_dict(), file)
+
+
 def save_checkpoint(folder: Path, model: RadiographNet, card: dict[str, Any]) -> Path:
     """Write the checkpoint into `folder` so that a crash never leaves weights without their card (see the
     module docstring). Other files in `folder` (plots, reports) stay."""
@@ -95,7 +125,7 @@ def save_checkpoint(folder: Path, model: RadiographNet, card: dict[str, Any]) ->
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=folder))
     try:
-        write_atomically_with(staging / WEIGHTS_FILE, lambda file: torch.save(model.state_dict(), file))
+        write_atomically_with(staging / WEIGHTS_FILE, lambda file: _save_weights(model, file))
         write_atomically(staging / CARD_FILE, card_text.encode())
         (folder / WEIGHTS_FILE).unlink(missing_ok=True)
         os.replace(staging / CARD_FILE, folder / CARD_FILE)
@@ -106,6 +136,8 @@ def save_checkpoint(folder: Path, model: RadiographNet, card: dict[str, Any]) ->
 
 
 def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """The checkpoint in `folder`, its card read and checked (a `CheckpointError` names what is wrong); the
+    weights are read when the model is first asked for."""
     folder = Path(folder)
     card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
     for path in (card_path, weights_path):
@@ -119,10 +151,22 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{card_path}: card version {card.get('card_version')!r}, expected {CARD_VERSION}")
     schema = LabelSchema.from_dict(card["labels"])
     Preprocessing.from_dict(card["preprocessing"])
-    architecture = dict(card["architecture"])
-    name, heads = architecture.pop("name"), architecture.pop("heads")
+    heads = card["architecture"].get("heads")
     if heads != schema.head_sizes:
         raise CheckpointError(f"{card_path}: the model's heads {heads} do not match its label schema")
+    if not isinstance(card.get("embedding_dim"), int):
+        raise CheckpointError(f"{card_path}: embedding_dim is missing or not an integer")
+    return Checkpoint(None, card, folder)
+
+
+def _built_model(card: dict[str, Any], weights_path: Path) -> RadiographNet:
+    """The card's architecture with the weights in `weights_path`, in eval mode."""
+    import torch
+
+    from cbmir.models import create_model
+
+    architecture = dict(card["architecture"])
+    name, heads = architecture.pop("name"), architecture.pop("heads")
     model = create_model(name, heads, pretrained=False, **architecture)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -132,4 +176,4 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
             f"{weights_path}: weights do not load into {name} ({str(error).splitlines()[0]})"
         ) from None
     model.eval()
-    return Checkpoint(model, card, folder)
+    return model

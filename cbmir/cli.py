@@ -158,7 +158,10 @@ def _settings():
 
 
 def _start_torch() -> None:
-    """Torch's thread count, set once by the program (from $CBMIR_THREADS; every core by default)."""
+    """For the commands that run torch: torch loaded now, with its thread count set once by the program
+    (from $CBMIR_THREADS; every core by default)."""
+    import torch  # noqa: F401 - loaded first, so that the count applies to it at once
+
     from cbmir.embed import set_threads
 
     set_threads(_settings().threads)
@@ -170,9 +173,11 @@ def _runtime(runtime: RuntimeOption | None) -> Runtime:
 
 
 def _embedder(model: Path, runtime: RuntimeOption | None, **options):
-    """The checkpoint's embedder in the runtime asked for (else $CBMIR_RUNTIME), with $CBMIR_THREADS."""
-    from cbmir.embed import Embedder
+    """The checkpoint's embedder in the runtime asked for (else $CBMIR_RUNTIME), with $CBMIR_THREADS (torch
+    is loaded only if the model runs in it)."""
+    from cbmir.embed import Embedder, set_threads
 
+    set_threads(_settings().threads)
     embedder = Embedder.load(model, runtime=_runtime(runtime), threads=_settings().threads, **options)
     typer.echo(f"model runtime: {embedder.runtime_description}", err=True)
     return embedder
@@ -403,7 +408,6 @@ def index(
     from cbmir.search import Retrieval
     from indexer.pipeline import index_records, read_archive
 
-    _start_torch()
     embedder = _embedder(model, runtime, batch_size=batch_size)
     name, records = read_archive(archive, **({"table": nih_table} if nih_table else {}))
     with Retrieval.open(db, embedder, vectors=_vectors(vectors), index_type=index_type) as retrieval:
@@ -469,7 +473,6 @@ def sync(
     attributes = dict(_key_value(item, "--match") for item in match or ())
     modalities = tuple(m.upper() for m in modality) if modality else RADIOGRAPH_MODALITIES
     pacs = Pacs(url, load_settings(PacsSettings))
-    _start_torch()
     embedder = _embedder(model, runtime, batch_size=batch_size)
     with Retrieval.open(db, embedder, vectors=_vectors(vectors)) as retrieval:
         summary = sync_pacs(
@@ -510,7 +513,6 @@ def listen(
 
     if not 1 <= len(ae_title.strip()) <= 16:
         raise CbmirError(f"--ae-title {ae_title!r}: an AE title has 1 to 16 characters")
-    _start_torch()
     embedder = _embedder(model, runtime, batch_size=batch_size)
     stop = threading.Event()
     for stopping in (signal.SIGTERM, signal.SIGINT):  # also when started in the background, where Ctrl-C is ignored
@@ -598,7 +600,6 @@ def search(
         label=label,
     )
     code_tables = _tables(tables)
-    _start_torch()
     embedder = _embedder(model, runtime)  # a model that cannot run is reported before the image is read
     pacs = load_settings(PacsSettings)
     if (image is None) == (pacs_instance is None):

@@ -20,6 +20,9 @@ a waiting pool never steals a core from the readers, the other searches or anoth
 the same rate beside a busy process with a worse p99). Torch's thread count is process-wide and set by the
 program (`set_threads`), never here.
 
+Torch is imported only for the torch runtime (`cbmir.models.inference`): a process that runs ONNX Runtime
+(a Ray actor, the CLI, the service until it explains) does not spend 3 s loading it.
+
 Micro-batching: concurrent callers share one model queue. Whoever finds the model free runs it on what is
 queued (up to `batch_size` images), after waiting up to `batch_wait_ms` for more to arrive; the others
 wait for their answers. So searches that arrive while the model runs go into its next run together (with
@@ -30,20 +33,20 @@ a batch that fails is run again request by request, so that only the bad request
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
-import torch
 
 from cbmir.checkpoint import Checkpoint, load_checkpoint
 from cbmir.errors import CbmirError
-from cbmir.export import EMBEDDING_OUTPUT, INPUT_NAME, MAX_GRAPH_BATCH, GraphError, graph_for, head_output
+from cbmir.graph import EMBEDDING_OUTPUT, INPUT_NAME, MAX_GRAPH_BATCH, GraphError, graph_for, head_output
 from cbmir.imaging.preprocess import Preprocessing
 from cbmir.labels import LabelSchema, Prediction, decode_predictions, probabilities_from_logits
 from cbmir.stamp import ModelStamp
@@ -53,6 +56,15 @@ Runtime = Literal["auto", "torch", "onnx"]
 RUNTIMES: tuple[Runtime, ...] = ("auto", "torch", "onnx")
 # One model run: prepared inputs (uint8 N x H x W x 3) -> unit embeddings N x d and logits per head.
 Outputs = tuple[np.ndarray, dict[str, np.ndarray]]
+
+
+class ModelRunner(Protocol):
+    """One runtime's model: prepared inputs (uint8 N x H x W x 3) -> unit embeddings and logits per head."""
+
+    name: str
+    description: str
+
+    def __call__(self, images: np.ndarray) -> Outputs: ...
 
 
 class RuntimeUnavailableError(CbmirError):
@@ -68,19 +80,24 @@ class Embeddings:
     predictions: list[Prediction]
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The program's thread count for torch (`set_threads`), applied when a model first runs in torch here.
+_torch_threads: int | None = None
 
 
 def set_threads(threads: int | None) -> None:
-    """Set torch's process-wide thread count (None: every core). Programs call this once, at start-up."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    """Set torch's process-wide thread count (None: every core). Programs call this once, at start-up; it
+    applies at once if torch is loaded, else when a model first runs in torch here."""
+    global _torch_threads
+    _torch_threads = threads or os.cpu_count() or 1
+    if "torch" in sys.modules:
+        _apply_torch_threads()
 
 
-def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 N x H x W x 3 preprocessed images to a float N x 3 x H x W tensor (0..255) in channels_last."""
-    tensor = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float()
-    return tensor.contiguous(memory_format=torch.channels_last)
+def _apply_torch_threads() -> None:
+    import torch
+
+    if _torch_threads is not None:
+        torch.set_num_threads(_torch_threads)
 
 
 def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -93,21 +110,6 @@ def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
             batch = []
     if batch:
         yield batch
-
-
-class _TorchRunner:
-    name = "torch"
-
-    def __init__(self, checkpoint: Checkpoint):
-        self.device = default_device()
-        self.model = checkpoint.model.eval().to(self.device).to(memory_format=torch.channels_last)
-        self.description = f"torch {torch.__version__} on {self.device.type}, {torch.get_num_threads()} thread(s)"
-
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> Outputs:
-        output = self.model(images_to_tensor(images, self.device))
-        vectors = torch.nn.functional.normalize(output.features, dim=1).float().cpu().numpy()
-        return vectors, {head: values.float().cpu().numpy() for head, values in output.logits.items()}
 
 
 class _OnnxRunner:
@@ -257,8 +259,8 @@ class Embedder:
         self.pipeline: Preprocessing = checkpoint.pipeline
         self.irma_threshold = checkpoint.irma_threshold
         self.batch_size = batch_size
-        self.head_sizes = dict(checkpoint.model.head_sizes)
-        self.stamp = ModelStamp(checkpoint.stamp, checkpoint.model.embedding_dim)
+        self.head_sizes = checkpoint.head_sizes
+        self.stamp = ModelStamp(checkpoint.stamp, checkpoint.embedding_dim)
         self._runner = _choose_runner(checkpoint, runtime, threads)
         if self._runner.name == "onnx" and batch_size > MAX_GRAPH_BATCH:
             raise CbmirError(f"batch size {batch_size}: the ONNX graph takes at most {MAX_GRAPH_BATCH} images a run")
@@ -308,10 +310,11 @@ class Embedder:
         return Embeddings(np.concatenate(vectors).astype(np.float32, copy=False), probabilities, predictions)
 
 
-def _choose_runner(checkpoint: Checkpoint, runtime: Runtime, threads: int | None) -> _TorchRunner | _OnnxRunner:
-    if runtime == "torch":
-        return _TorchRunner(checkpoint)
-    heads = list(checkpoint.model.head_sizes)
-    if runtime == "auto" and not (checkpoint.path is not None and isinstance(checkpoint.card.get("onnx"), dict)):
-        return _TorchRunner(checkpoint)
-    return _OnnxRunner(graph_for(checkpoint), heads, threads)
+def _choose_runner(checkpoint: Checkpoint, runtime: Runtime, threads: int | None) -> ModelRunner:
+    has_graph = checkpoint.path is not None and isinstance(checkpoint.card.get("onnx"), dict)
+    if runtime == "torch" or (runtime == "auto" and not has_graph):
+        from cbmir.models.inference import TorchRunner
+
+        _apply_torch_threads()
+        return TorchRunner(checkpoint)
+    return _OnnxRunner(graph_for(checkpoint), list(checkpoint.head_sizes), threads)

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbmir.checkpoint import load_checkpoint
-from cbmir.embed import images_to_tensor
 from cbmir.errors import CbmirError
 from cbmir.imaging.preprocess import Padding
 from cbmir.models.architectures import RegionalPooling
+from cbmir.models.inference import images_to_tensor
 from cbmir.models.net import RadiographNet
 from cbmir.stamp import ModelStamp
 

@@ -1,13 +1,12 @@
-"""A checkpoint's model as an ONNX graph, for inference in ONNX Runtime, checked against torch.
+"""A checkpoint's model exported as an ONNX graph (`cbmir.graph`), for inference in ONNX Runtime, checked
+against torch.
 
-The graph (`model.onnx` in the checkpoint folder) takes prepared inputs exactly as `Embedder.prepare` makes
-them (uint8 N x H x W x 3, any N) and gives the unit-norm embedding and every head's logits, so ONNX Runtime
-runs all that torch runs, the input conversion included. An export is kept only if, on real inputs run
+The graph runs all that torch runs, the input conversion included. An export is kept only if, on real inputs run
 through both, the embeddings differ from torch's by at most `EMBEDDING_TOLERANCE` and the logits by at most
 `LOGIT_TOLERANCE` (absolute, per value). The card's `onnx` section records the graph's and the weights'
-sha256, the differences measured, the inputs they were measured on and the library versions; `graph_for`
-accepts a graph only while both hashes still match, so a graph of other weights, or a foreign or damaged
-file, is refused, never used.
+sha256, the differences measured, the inputs they were measured on and the library versions;
+`cbmir.graph.graph_for` accepts a graph only while both hashes still match, so a graph of other weights, or a
+foreign or damaged file, is refused, never used.
 
 Crash safety: the graph is written in full and fsynced before it replaces the old one, and the card is
 rewritten (atomically) after it. A crash in between leaves a card whose recorded sha256 does not match the
@@ -24,7 +23,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,29 +32,16 @@ from torch import nn
 
 from cbmir.checkpoint import CARD_FILE, WEIGHTS_FILE, Checkpoint, CheckpointError
 from cbmir.datasets import Record, load_pixels
-from cbmir.errors import CbmirError
 from cbmir.files import file_digest, write_atomically
+from cbmir.graph import EMBEDDING_OUTPUT, GRAPH_FILE, INPUT_NAME, MAX_GRAPH_BATCH, GraphError, head_output
 from cbmir.imaging.io import ImageReadError
 from cbmir.imaging.preprocess import Preprocessing
 from cbmir.models import RadiographNet
 
-GRAPH_FILE = "model.onnx"
-INPUT_NAME, EMBEDDING_OUTPUT = "images", "embedding"
-LOGITS_PREFIX = "logits:"
-# Largest batch the graph accepts (the batch axis is dynamic from 1 to this).
-MAX_GRAPH_BATCH = 1024
 # Agreement demanded of ONNX Runtime with torch on the same inputs; float32 kernels that sum in another
 # order differ by about 1e-6 on this model, so these leave room for other CPUs without hiding a wrong graph.
 EMBEDDING_TOLERANCE = 1e-4
 LOGIT_TOLERANCE = 1e-3
-
-
-class GraphError(CbmirError):
-    """A checkpoint's ONNX graph that is missing, stale (other weights), damaged, or does not match torch."""
-
-
-def head_output(head: str) -> str:
-    return f"{LOGITS_PREFIX}{head}"
 
 
 class _GraphModule(nn.Module):
@@ -183,24 +168,6 @@ def compare(graph: bytes, module: nn.Module, samples: np.ndarray) -> Agreement:
             for ours, theirs in zip(got[1:], expected[1:], strict=True):
                 logit_error = max(logit_error, float(np.abs(ours - theirs).max()))
     return Agreement(embedding_error, logit_error)
-
-
-def graph_for(checkpoint: Checkpoint) -> Path:
-    """The checkpoint's ONNX graph, if it was exported from these very weights and matched torch; else a
-    `GraphError` that says why and what to run."""
-    folder = checkpoint.path
-    remedy = f"run `cbmir export {folder}` (or use --runtime torch)"
-    section = checkpoint.card.get("onnx")
-    if folder is None or not isinstance(section, dict):
-        raise GraphError(f"{folder or 'this checkpoint'} has no ONNX graph: {remedy}")
-    path = folder / str(section.get("file", GRAPH_FILE))
-    if not path.is_file():
-        raise GraphError(f"{path} is missing: {remedy}")
-    if file_digest(folder / WEIGHTS_FILE)[1] != section.get("weights_sha256"):
-        raise GraphError(f"{path} was exported from other weights than {folder / WEIGHTS_FILE} (stale): {remedy}")
-    if file_digest(path)[1] != section.get("sha256"):
-        raise GraphError(f"{path} is not the graph its card records (replaced or damaged): {remedy}")
-    return path
 
 
 def _version(name: str) -> str | None:

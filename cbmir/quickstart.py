@@ -19,7 +19,8 @@ from cbmir.checkpoint import CARD_FILE, Checkpoint, load_checkpoint
 from cbmir.datasets import open_dataset
 from cbmir.embed import Embedder
 from cbmir.errors import CbmirError
-from cbmir.export import GraphError, export_graph, sample_inputs
+from cbmir.export import export_graph, sample_inputs
+from cbmir.graph import GraphError
 from cbmir.irma import CodeTables
 from cbmir.search import Retrieval
 from cbmir.service import ServiceSettings

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -19,8 +20,9 @@ import cbmir.export
 from cbmir.checkpoint import WEIGHTS_FILE, load_checkpoint
 from cbmir.cli import app
 from cbmir.embed import Embedder, RuntimeUnavailableError
-from cbmir.export import EMBEDDING_TOLERANCE, LOGIT_TOLERANCE, GraphError, export_graph
+from cbmir.export import EMBEDDING_TOLERANCE, LOGIT_TOLERANCE, export_graph
 from cbmir.files import file_digest
+from cbmir.graph import GraphError
 from cbmir.search import Retrieval
 from cbmir.synthetic import phantom
 from tests.conftest import small_checkpoint
@@ -64,6 +66,20 @@ def test_the_graph_gives_torchs_answers_within_the_recorded_tolerance(exported):
         np.testing.assert_allclose(ours.probabilities[head], theirs.probabilities[head], atol=1e-4)
     assert [p.label for p in ours.predictions] == [p.label for p in theirs.predictions]
     assert onnx.stamp == torch_.stamp
+
+
+def test_a_process_running_the_graph_never_loads_torch(exported):
+    """The ONNX runtime reads the card and the graph only: a Ray actor or a CLI search does not spend seconds
+    importing torch (a fresh interpreter, since this one has torch loaded)."""
+    program = (
+        "import sys; import numpy as np; from cbmir.embed import Embedder, set_threads; set_threads(1); "
+        f"embedder = Embedder.load({str(exported)!r}, runtime='auto'); "
+        "size = embedder.pipeline.size; "
+        "vectors = embedder.embed_inputs(np.zeros((3, size, size, 3), np.uint8)).vectors; "
+        "print(embedder.runtime, vectors.shape, 'torch' in sys.modules)"
+    )
+    answer = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert answer.stdout.split("\n")[0] == f"onnx (3, {load_checkpoint(exported).embedding_dim}) False"
 
 
 def test_an_index_built_in_torch_answers_the_same_in_onnx(exported, tmp_path):

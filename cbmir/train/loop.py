@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cbmir.embed import images_to_tensor
 from cbmir.files import write_atomically_with
 from cbmir.imaging.augment import augment
 from cbmir.models import ModelOutput, RadiographNet
+from cbmir.models.inference import images_to_tensor
 from cbmir.prepared import PreparedImages, fingerprint
 from cbmir.train.config import TrainConfig
 from cbmir.train.objective import Objective

@@ -18,15 +18,16 @@ from tqdm import tqdm
 
 from cbmir.checkpoint import Checkpoint, new_card, save_checkpoint
 from cbmir.datasets import Dataset
-from cbmir.embed import default_device
 from cbmir.evaluate import choose_irma_threshold, evaluate_images
-from cbmir.export import GraphError, export_graph
+from cbmir.export import export_graph
 from cbmir.files import write_atomically
+from cbmir.graph import GraphError
 from cbmir.imaging.preprocess import preset
 from cbmir.irma import CodeTables
 from cbmir.labels import LabelSchema
 from cbmir.metrics import plot_history
 from cbmir.models import RadiographNet, create_model, model_info
+from cbmir.models.inference import default_device
 from cbmir.prepared import PreparedImages, prepare_images
 from cbmir.train.config import TrainConfig, TrainingError
 from cbmir.train.data import check_parts, choose_task, datafingerprint, split_records
