@@ -14,6 +14,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 USER, PASSWORD = "cbmir", "pg-test-Secret-4711"
@@ -65,9 +67,20 @@ class PostgresServer:
         options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c max_connections=60"
         if not self.durable:
             options += " -c fsync=off -c full_page_writes=off -c synchronous_commit=off"
-        log = str(self.folder / "log")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+        pg_ctl = str(self.bin / "pg_ctl")
+        self._start_command = [pg_ctl, "-D", str(self.data), "-o", options, "-l", "log", "-w", "start"]
+        self._run(*self._start_command)
         return self
+
+    @contextmanager
+    def down(self) -> Iterator[None]:
+        """The server stopped for the block (fast mode: clients' connections cut, what was committed kept even
+        without fsync), then started again on the same port and data."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        try:
+            yield
+        finally:
+            self._run(*self._start_command)
 
     def url(self, dbname: str = "postgres", password: str | None = PASSWORD) -> str:
         credentials = USER if password is None else f"{USER}:{password}"

@@ -291,17 +291,35 @@ class PostgresDatabase(Database):
 
     def __init__(self, address: PostgresAddress):
         self.address, self.name = address, address.name
-        options = conninfo.conninfo_to_dict(address.url)
+        self._in_transaction = False
+        try:
+            self._db = self._connect()
+        except psycopg.Error as error:
+            raise IndexConfigError(f"cannot connect to {self._server()}: {self._reason(error)}") from None
+
+    def _server(self) -> str:
+        address = self.address
+        return f"the PostgreSQL database {address.dbname!r} at {address.host} port {address.port} as {address.user}"
+
+    def _connect(self) -> psycopg.Connection:
+        options = conninfo.conninfo_to_dict(self.address.url)
         options.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
         options.setdefault("application_name", "cbmir")
-        try:
-            self._db = psycopg.connect(**options, autocommit=True)  # type: ignore[arg-type]
-            self._db.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_SECONDS}s'")
-        except psycopg.Error as error:
-            raise IndexConfigError(
-                f"cannot connect to the PostgreSQL database {address.dbname!r} at {address.host} port "
-                f"{address.port} as {address.user}: {self._reason(error)}"
-            ) from None
+        connection = psycopg.connect(**options, autocommit=True)  # type: ignore[arg-type]
+        connection.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_SECONDS}s'")
+        return connection
+
+    def _connection(self) -> psycopg.Connection:
+        """The connection, made again first when the server dropped it (a restart, a failover, a terminated
+        session) and no transaction is open. Nothing is lost: a transaction the break cut off was rolled
+        back whole by the server and failed its caller; this process's state lives in the tables. A server
+        that does not answer again is a `DatabaseError` for this statement; the next one tries again."""
+        if self._db.broken and not self._in_transaction:
+            try:
+                self._db = self._connect()
+            except psycopg.Error as error:
+                raise DatabaseError(self.name, f"cannot reconnect to {self._server()}: {self._reason(error)}") from None
+        return self._db
 
     def _reason(self, error: Exception) -> str:
         """The server's or libpq's message, on one line, with any password that might be in it masked."""
@@ -317,20 +335,20 @@ class PostgresDatabase(Database):
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
         try:
-            return self._db.execute(self._placeholders(sql), params)
+            return self._connection().execute(self._placeholders(sql), params)
         except psycopg.Error as error:
             raise DatabaseError(self.name, self._reason(error)) from None
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         try:
-            self._db.cursor().executemany(self._placeholders(sql), rows)
+            self._connection().cursor().executemany(self._placeholders(sql), rows)
         except psycopg.Error as error:
             raise DatabaseError(self.name, self._reason(error)) from None
 
     def insert_returning(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
         if not rows:
             return []
-        cursor = self._db.cursor()
+        cursor = self._connection().cursor()
         try:
             cursor.executemany(self._placeholders(sql), rows, returning=True)
             ids = []
@@ -344,9 +362,13 @@ class PostgresDatabase(Database):
     @contextmanager
     def transaction(self) -> Iterator[None]:
         try:
-            with self._db.transaction():
-                self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK,))
-                yield
+            with self._connection().transaction():
+                self._in_transaction = True
+                try:
+                    self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK,))
+                    yield
+                finally:
+                    self._in_transaction = False
         except psycopg.Error as error:  # the commit itself failed
             raise DatabaseError(self.name, self._reason(error)) from None
 

@@ -17,6 +17,7 @@ from cbmir.errors import CbmirError
 from cbmir.explain import ModelChangedError
 from cbmir.imaging.io import ImageReadError, ImageTooLargeError, NotAnImageError
 from cbmir.index import UnknownImageError
+from cbmir.index.errors import DatabaseError
 from cbmir.pacs import PacsAuthError, PacsError, PacsNotFoundError, PacsUnavailableError
 from cbmir.refine import RefinementError
 from cbmir.service.catalog import InvalidCodeError, OriginalsDisabledError, OriginalUnavailableError
@@ -31,6 +32,7 @@ STATUS_OF: tuple[tuple[type[CbmirError], int], ...] = (
     (OriginalUnavailableError, 404),
     (OriginalsDisabledError, 403),
     (ModelChangedError, 503),
+    (DatabaseError, 503),  # the index's database failed or is unreachable: not the request's fault
     (PacsNotConfiguredError, 503),
     (PacsNotFoundError, 404),
     (PacsAuthError, 502),  # the PACS refused this server's credentials: the caller's own are fine
@@ -60,8 +62,10 @@ ERROR_MEANINGS = {
     "message names it)",
     429: "too many wrong tokens from this client: try again after Retry-After seconds",
     502: "(search by PACS image) the PACS refused this server's credentials, or answered unusably",
-    503: "the audit trail cannot be written, so nothing is answered; or (explanations) the checkpoint on disk is "
-    "no longer the model the server started with; or (search by PACS image) this server has no PACS configured",
+    503: "the audit trail cannot be written, so nothing is answered; or the index's database failed or cannot "
+    "be reached (a PostgreSQL server restarting: the next request reconnects); or (explanations) the checkpoint on "
+    "disk is no longer the model the server started with; or (search by PACS image) this server has no PACS "
+    "configured",
     504: "(search by PACS image) the PACS cannot be reached, or did not answer in time or kept failing, after "
     "the configured retries",
 }

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from cbmir.cli import app as cli
 from cbmir.embed import Embedder
 from cbmir.index import Engine, Filters, IndexConfigError
+from cbmir.index.errors import DatabaseError
 from cbmir.index.store import Store
 from cbmir.locations import Location
 from cbmir.search import Retrieval
@@ -69,6 +70,25 @@ def test_an_engine_on_postgresql_searches_exactly_and_keeps_its_vectors_in_its_f
             for query in unit_vectors(2, DIMENSION, seed=32):
                 assert_exact(engine.search(query, 10, filters), query, allowed, 10)
     assert sorted(path.name for path in (tmp_path / "vectors").iterdir()) == [".lock", "vectors.faiss", "vectors.json"]
+
+
+def test_a_connection_the_server_cut_fails_one_statement_then_is_made_again(postgres_url, postgres_server, tmp_path):
+    """A server restart or an administrator ending sessions: the statement that meets the cut connection is a
+    `DatabaseError` naming the store; the next one reconnects, and nothing committed is lost."""
+    entries = make_entries(unit_vectors(20, DIMENSION, seed=33), seed=33)
+    with shared(postgres_url, tmp_path / "vectors") as engine:
+        ids = engine.add(entries[:10])
+        database = postgres_url.rsplit("/", 1)[1]
+        postgres_server.admin(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}' AND pid <> "
+            "pg_backend_pid()"
+        )
+        with pytest.raises(DatabaseError, match=f"127.0.0.1 port {postgres_server.port}|{database}") as cut:
+            engine.add(entries[10:])
+        assert PASSWORD not in str(cut.value)
+        ids = np.concatenate([ids, engine.add(entries[10:])])  # reconnected: the batch that failed is stored whole
+        assert sorted(row.id for row in engine.get(engine.query())) == sorted(ids.tolist())
+        assert len(ids) == 20
 
 
 def test_a_wrong_password_is_a_clear_error_that_never_shows_it(postgres_server):
