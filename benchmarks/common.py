@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from cbmir.labels import LabelSchema
 from cbmir.models import create_model
 from cbmir.models.inference import images_to_tensor
 from cbmir.train import TrainConfig
+from cbmir.train.data import choose_task
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -163,10 +165,8 @@ def default_checkpoint(records: Sequence[Record]) -> Checkpoint:
     """An untrained model of the CPU default for these records' labels (ImageNet trunk, random heads): the
     architecture, embedding and preprocessing of the default; the weights do not change the speed."""
     config = TrainConfig()
-    schema = LabelSchema.from_labels(
-        "irma-axes" if all(r.labels for r in records) else "single-label",
-        [r.labels or ("unlabelled",) for r in records],
-    )
+    labelled = [replace(record, labels=record.labels or ("unlabelled",)) for record in records]
+    schema = LabelSchema.from_labels(choose_task(labelled), [record.labels for record in labelled])
     model = create_model(config.model, schema.head_sizes, pretrained=True, embedding_dim=config.embedding_dim).eval()
     return Checkpoint(model, new_card(model, schema, preset(config.preset, size=model.input_size)))
 
