@@ -25,17 +25,25 @@ the model an earlier run left in WORK/model, training it only when there is none
   full code, and after with the marked kept;
 - by region: each query radiograph pasted off-centre into a black canvas twice its width and height, searched
   whole and with the region of the original (`Region.crop`); P@1 and P@10 per axis.
+
+With `--folds N`, instead of one split, DATASET's images are dealt into N folds stratified by label (seeded;
+the dataset's own split, if any, is not used) and the main run is repeated once per fold: the model trains on
+the other folds as on an archive with a train/test split (a stratified tenth of them kept back for
+validation), all of them are the gallery and the fold's images the queries. Every figure is reported as its
+mean, standard deviation and range over the folds, beside the model's full-code accuracy and the training
+time of each fold, in a section of its own (no refinement).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -46,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cbmir.checkpoint import Checkpoint, load_checkpoint
-from cbmir.datasets import load_pixels, open_dataset
+from cbmir.datasets import Dataset, Record, load_pixels, open_dataset
 from cbmir.embed import Embedder, batches
 from cbmir.errors import CbmirError
 from cbmir.index import ImageRow
@@ -59,6 +67,7 @@ from common import frozen_features, run_and_publish, saved_figure
 from indexer.pipeline import index_records
 
 KS = (1, 5, 10)
+METRICS = (*(f"P@{k}" for k in KS), "mAP@10", "vote@5")
 SPLIT = (0.7, 0.1, 0.2)
 ENGINE, PIXELS, FROZEN = "cbmir engine", "raw-pixel thumbnails", "frozen ImageNet Lite0"
 # Not a baseline but a reference for what training adds: the engine's own trunk before any training.
@@ -175,11 +184,11 @@ def search_engine(gallery: list, queries: list, embedder: Embedder, folder: Path
     return {"neighbours": neighbours, "predicted": predicted, "gallery_labels": stored}
 
 
-def trained(args, dataset, tables: CodeTables | None, *, fresh: bool) -> tuple[Checkpoint, float | None]:
-    """The default CPU model trained on the dataset's training part in WORK/model, and the seconds training
-    took: trained now when `fresh` (the main run times it, from no feature cache) or when WORK/model holds
+def trained(args, dataset, tables: CodeTables | None, work: Path, *, fresh: bool) -> tuple[Checkpoint, float | None]:
+    """The default CPU model trained on the dataset's training part in `work`/model, and the seconds training
+    took: trained now when `fresh` (the main run times it, from no feature cache) or when `work`/model holds
     none, else the model an earlier run left there (None seconds)."""
-    folder = args.work / "model"
+    folder = work / "model"
     if not fresh and (folder / "split.json").is_file():
         print(f"reusing the model in {folder}")
         return load_checkpoint(folder), None
@@ -190,9 +199,9 @@ def trained(args, dataset, tables: CodeTables | None, *, fresh: bool) -> tuple[C
     return checkpoint, time.time() - started
 
 
-def parts(args, records: list, query_set: list | None) -> tuple[list, list, dict]:
-    """The gallery and the queries (see the module docstring), and the model's split."""
-    split = json.loads((args.work / "model" / "split.json").read_text())
+def parts(work: Path, records: list, query_set: list | None) -> tuple[list, list, dict]:
+    """The gallery and the queries (see the module docstring), and the split of the model in `work`/model."""
+    split = json.loads((work / "model" / "split.json").read_text())
     if query_set is not None:
         return records, query_set, split
     by_id = {record.id: record for record in records}
@@ -205,9 +214,34 @@ def run(args) -> dict:
     records = single_labelled(dataset)
     query_dataset = open_dataset(args.queries) if args.queries else None
     query_set = single_labelled(query_dataset) if query_dataset else None
-    work = args.work
-    checkpoint, train_seconds = trained(args, dataset, tables, fresh=True)
-    gallery, queries, split = parts(args, records, query_set)
+    checkpoint, train_seconds = trained(args, dataset, tables, args.work, fresh=True)
+    gallery, queries, split = parts(args.work, records, query_set)
+    measured = measure(checkpoint, gallery, queries, args.work, dataset.name, tables)
+    return {
+        "dataset": dataset.name,
+        "queries_dataset": query_dataset.name if query_dataset else None,
+        "own_split": all(record.split for record in records),
+        "seed": args.seed,
+        "mode": args.mode,
+        "split_sizes": {part: len(ids) for part, ids in split.items()},
+        "gallery": len(gallery),
+        "indexed": measured["indexed"],
+        "queries": len(queries),
+        "irma": checkpoint.schema.task == "irma-axes",
+        "tables": tables is not None,
+        "train_seconds": train_seconds,
+        "runtime": measured["runtime"],
+        "results": measured["results"],
+        "error_scores": measured["error_scores"],
+    }
+
+
+def measure(
+    checkpoint: Checkpoint, gallery: list, queries: list, work: Path, name: str, tables: CodeTables | None
+) -> dict:
+    """The figures of one gallery and its queries: per table row, the engine's (in its default runtime and in
+    torch) and the baselines'; the error scores; the classifier's accuracy on the full code (class datasets:
+    the class). Engines and caches go in `work`."""
     query_labels = [record.labels[0] for record in queries]
     irma = checkpoint.schema.task == "irma-axes"
 
@@ -216,9 +250,9 @@ def run(args) -> dict:
     embedder = Embedder(checkpoint)
     print(f"engine runtime: {embedder.runtime_description}")
     with tempfile.TemporaryDirectory(dir=work) as folder:
-        engine = search_engine(gallery, queries, embedder, Path(folder), dataset.name)
+        engine = search_engine(gallery, queries, embedder, Path(folder), name)
     with tempfile.TemporaryDirectory(dir=work) as folder:
-        in_torch = search_engine(gallery, queries, Embedder(checkpoint, runtime="torch"), Path(folder), dataset.name)
+        in_torch = search_engine(gallery, queries, Embedder(checkpoint, runtime="torch"), Path(folder), name)
 
     print("baselines: raw-pixel thumbnails and frozen ImageNet Lite0 features")
     cache = work / "cache"
@@ -232,18 +266,19 @@ def run(args) -> dict:
         ENGINE_TORCH: (in_torch["neighbours"], in_torch["gallery_labels"]),
     }
     untrained = partial(frozen_features, model_name="efficientnet-lite0-regional")
-    for name, features in ((PIXELS, thumbnails), (FROZEN, frozen_features), (UNTRAINED, untrained)):
+    for method, features in ((PIXELS, thumbnails), (FROZEN, frozen_features), (UNTRAINED, untrained)):
         order = knn(features(np.asarray(prepared_gallery.images)), features(np.asarray(prepared_queries.images)))
-        methods[name] = ([[gallery_labels[j] for j in row] for row in order], gallery_labels)
+        methods[method] = ([[gallery_labels[j] for j in row] for row in order], gallery_labels)
 
+    rows = report_rows(irma, query_labels)
     results = {}
-    for row, (view, chosen) in report_rows(irma, query_labels).items():
+    for row, (view, chosen) in rows.items():
         subset = [label for label, keep in zip(query_labels, chosen, strict=True) if keep]
         results[row] = {
             "queries": len(subset),
             "methods": {
-                name: figures([n for n, keep in zip(neighbours, chosen, strict=True) if keep], subset, stored, view)
-                for name, (neighbours, stored) in methods.items()
+                method: figures([n for n, keep in zip(neighbours, chosen, strict=True) if keep], subset, stored, view)
+                for method, (neighbours, stored) in methods.items()
             },
         }
     error_scores = {}
@@ -252,27 +287,19 @@ def run(args) -> dict:
         def mean_error(codes):
             return run_error_score(zip(query_labels, codes, strict=True), tables) / len(queries)
 
-        for name, (neighbours, _) in methods.items():
-            error_scores[name] = {
+        for method, (neighbours, _) in methods.items():
+            error_scores[method] = {
                 "kNN-voted (top 5)": mean_error([vote([str(IrmaCode.parse(n)) for n in row[:5]]) for row in neighbours])
             }
         error_scores[ENGINE]["predicted"] = mean_error(engine["predicted"])
+    same = next(iter(rows.values()))[0]  # the full code (class datasets: the class)
+    right = [predicted == same(label) for predicted, label in zip(engine["predicted"], query_labels, strict=True)]
     return {
-        "dataset": dataset.name,
-        "queries_dataset": query_dataset.name if query_dataset else None,
-        "own_split": all(record.split for record in records),
-        "seed": args.seed,
-        "mode": args.mode,
-        "split_sizes": {part: len(ids) for part, ids in split.items()},
-        "gallery": len(gallery),
         "indexed": len(engine["gallery_labels"]),
-        "queries": len(queries),
-        "irma": irma,
-        "tables": tables is not None,
-        "train_seconds": train_seconds,
         "runtime": embedder.runtime_description,
         "results": results,
         "error_scores": error_scores,
+        "classifier_accuracy": float(np.mean(right)),
     }
 
 
@@ -308,12 +335,11 @@ def setting(summary: dict) -> str:
 def markdown(summary: dict) -> str:
     results = summary["results"]
     lines = [setting(summary), "", "![precision@k](benchmarks/results/retrieval-precision.png)", ""]
-    metrics = [f"P@{k}" for k in KS] + ["mAP@10", "vote@5"]
-    lines += ["| label | queries | method | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+    lines += ["| label | queries | method | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
     for row, result in results.items():
-        best = {metric: max(figures[metric] for figures in result["methods"].values()) for metric in metrics}
+        best = {metric: max(figures[metric] for figures in result["methods"].values()) for metric in METRICS}
         for name, figures in result["methods"].items():
-            cells = [f"**{figures[m]:.3f}**" if figures[m] == best[m] else f"{figures[m]:.3f}" for m in metrics]
+            cells = [f"**{figures[m]:.3f}**" if figures[m] == best[m] else f"{figures[m]:.3f}" for m in METRICS]
             lines.append(f"| {row} | {result['queries']} | {name} | " + " | ".join(cells) + " |")
     if summary["error_scores"]:
         lines += [
@@ -331,28 +357,36 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {name} | {scores['kNN-voted (top 5)']:.3f} | {predicted} |")
     elif summary["irma"]:
         lines += ["", "No error scores: give the IRMA code tables with --tables."]
-    runtime_gap = max(
-        abs(result["methods"][ENGINE][m] - result["methods"][ENGINE_TORCH][m])
-        for result in results.values()
-        for m in metrics
-    )
     lines += [
         "",
         f"The engine ran in {summary.get('runtime', 'its default runtime')}; the same model in torch differs from "
-        f"it by at most {runtime_gap:.3f} on any figure of the table.",
+        f"it by at most {runtime_gap(results):.3f} on any figure of the table.",
     ]
-    beaten = all(
-        result["methods"][ENGINE][m] >= result["methods"][other][m]
-        for result in results.values()
-        for m in metrics
-        for other in (PIXELS, FROZEN)
-    )
     lines += [
         "",
-        goals(results) + f" The engine {'beats or equals' if beaten else 'does not beat'} both "
+        goals(results) + f" The engine {'beats or equals' if beats_baselines(results) else 'does not beat'} both "
         "baselines (raw pixels, frozen ImageNet Lite0) on every figure of the table.",
     ]
     return "\n".join(lines)
+
+
+def runtime_gap(results: dict) -> float:
+    """The largest difference between the engine in its default runtime and in torch, over every figure."""
+    return max(
+        abs(result["methods"][ENGINE][m] - result["methods"][ENGINE_TORCH][m])
+        for result in results.values()
+        for m in METRICS
+    )
+
+
+def beats_baselines(results: dict) -> bool:
+    """Whether the engine beats or equals both baselines (raw pixels, frozen ImageNet Lite0) on every figure."""
+    return all(
+        result["methods"][ENGINE][m] >= result["methods"][other][m]
+        for result in results.values()
+        for m in METRICS
+        for other in (PIXELS, FROZEN)
+    )
 
 
 def goals(results: dict) -> str:
@@ -379,6 +413,242 @@ def plot(summary: dict, path: Path) -> None:
             axis.legend()
 
 
+# -- over folds (issue 17) ------------------------------------------------------------------------------------
+
+FOLDS_NAME = "retrieval-folds"
+ERROR_KINDS = ("kNN-voted (top 5)", "predicted")
+
+
+def fold_of(records: list[Record], folds: int, seed: int) -> dict[str, int]:
+    """Each record's fold (0 to folds - 1), stratified by label: the images of each label, in a seeded order,
+    dealt onto the folds in turn, each label going on from the fold where the previous one stopped. So the
+    folds' sizes differ by at most one, and so do the counts of each label, which puts the images of a label
+    with fewer images than folds in different folds. (The allocation of scikit-learn's StratifiedKFold, without
+    its warning about every such label.)"""
+    by_label: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for record in records:
+        by_label[record.labels].append(record.id)
+    rng = random.Random(seed)
+    fold, dealt = {}, 0
+    for label in sorted(by_label):
+        ids = sorted(by_label[label])
+        rng.shuffle(ids)
+        for record_id in ids:
+            fold[record_id] = dealt % folds
+            dealt += 1
+    return fold
+
+
+def fold_dataset(dataset: Dataset, fold: dict[str, int], held_out: int) -> Dataset:
+    """The dataset with a split of its own: fold `held_out` the test part, the other folds the training part,
+    from which training keeps back its validation part as for any archive without one."""
+    records = [replace(record, split="test" if fold[record.id] == held_out else "train") for record in dataset.records]
+    return replace(dataset, name=f"{dataset.name} fold {held_out + 1}", records=records)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation (of a sample: the folds are a few of the possible splits), min and max."""
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)),
+        "min": float(min(values)),
+        "max": float(max(values)),
+    }
+
+
+def run_folds(args) -> dict:
+    """The main run once per fold of DATASET (see the module docstring), and each figure's spread over them."""
+    tables = CodeTables.load(args.tables) if args.tables else None
+    dataset = open_dataset(args.dataset)
+    records = single_labelled(dataset)
+    if len(records) < args.folds:
+        raise CbmirError(f"{dataset.name} has {len(records)} images, too few for {args.folds} folds")
+    fold = fold_of(records, args.folds, args.seed)
+    per_fold = []
+    for held_out in range(args.folds):
+        print(f"fold {held_out + 1} of {args.folds}")
+        work = args.work / "folds" / f"fold-{held_out + 1}"
+        checkpoint, train_seconds = trained(args, fold_dataset(dataset, fold, held_out), tables, work, fresh=True)
+        gallery, queries, split = parts(work, records, None)
+        gallery_labels = {record.labels[0] for record in gallery}
+        per_fold.append(
+            {
+                "fold": held_out + 1,
+                "split_sizes": {part: len(ids) for part, ids in split.items()},
+                "gallery": len(gallery),
+                "queries": len(queries),
+                "unmatched_queries": sum(record.labels[0] not in gallery_labels for record in queries),
+                "train_seconds": train_seconds,
+                **measure(checkpoint, gallery, queries, work, dataset.name, tables),
+            }
+        )
+    # Class datasets have a row per class with queries: only the classes with queries in every fold keep one.
+    rows = [row for row in per_fold[0]["results"] if all(row in done["results"] for done in per_fold)]
+    results = {
+        row: {
+            "queries": sum(done["results"][row]["queries"] for done in per_fold),
+            "methods": {
+                method: {
+                    metric: spread([done["results"][row]["methods"][method][metric] for done in per_fold])
+                    for metric in METRICS
+                }
+                for method in per_fold[0]["results"][row]["methods"]
+            },
+        }
+        for row in rows
+    }
+    error_scores = {
+        method: {kind: spread([done["error_scores"][method][kind] for done in per_fold]) for kind in kinds}
+        for method, kinds in per_fold[0]["error_scores"].items()
+    }
+    return {
+        "dataset": dataset.name,
+        "images": len(records),
+        "folds": args.folds,
+        "seed": args.seed,
+        "mode": args.mode,
+        "irma": checkpoint.schema.task == "irma-axes",
+        "tables": tables is not None,
+        "runtime": per_fold[0]["runtime"],
+        "train_seconds_total": sum(done["train_seconds"] for done in per_fold),
+        "results": results,
+        "error_scores": error_scores,
+        "classifier_accuracy": spread([done["classifier_accuracy"] for done in per_fold]),
+        "per_fold": per_fold,
+    }
+
+
+def folds_markdown(summary: dict) -> str:
+    results, folds = summary["results"], summary["per_fold"]
+    first = "full code" if summary["irma"] else "class (all queries)"  # the row of the classifier's figures
+    unmatched = sum(done["unmatched_queries"] for done in folds)
+    lines = [
+        (
+            f"Dataset `{summary['dataset']}`, its {summary['images']} images dealt into {summary['folds']} folds "
+            f"stratified by label (seed {summary['seed']}; queries per fold: "
+            + " / ".join(str(done["queries"]) for done in folds)
+            + f"). For each fold, the default CPU model ({summary['mode']} mode) trained on the other folds (a "
+            f"stratified {SPLIT[1]:.0%} of them kept back for validation), all of their images indexed as the "
+            "gallery, and the fold's images query it, never in the gallery and never trained on. Training took "
+            + ", ".join(f"{done['train_seconds']:.0f}" for done in folds)
+            + f" s in the folds, {summary['train_seconds_total']:.0f} s in all (feature caching included)."
+            + (
+                f" {unmatched} queries over all folds have a label that no image of their gallery has (the images "
+                "of a label with fewer images than folds are spread over them): no method can find them an image "
+                f"of the same {'full code' if summary['irma'] else 'class'}."
+                if unmatched
+                else ""
+            )
+        ),
+        "",
+        f"![over {summary['folds']} folds](benchmarks/results/{FOLDS_NAME}.png)",
+        "",
+        (
+            f"Each cell: the mean over the {summary['folds']} folds ± their sample standard deviation (min–max); in "
+            "bold the best mean of the row. The queries are those of all folds."
+        ),
+        "",
+    ]
+    methods = (ENGINE, ENGINE_TORCH, PIXELS, FROZEN, UNTRAINED)
+    lines += [
+        "| label | queries | figure | " + " | ".join(methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
+
+    def table_row(label: str, queries: int, figure: str, stats: dict[str, dict], *, lower_better: bool = False) -> str:
+        choose = min if lower_better else max
+        best = choose(value["mean"] for value in stats.values())
+        cells = []
+        for method in methods:
+            if method not in stats:
+                cells.append("–")
+                continue
+            value = stats[method]
+            text = f"{value['mean']:.3f} ± {value['std']:.3f} ({value['min']:.3f}–{value['max']:.3f})"
+            cells.append(f"**{text}**" if value["mean"] == best else text)
+        return f"| {label} | {queries} | {figure} | " + " | ".join(cells) + " |"
+
+    for row, result in results.items():
+        for metric in METRICS:
+            stats = {method: figures[metric] for method, figures in result["methods"].items()}
+            lines.append(table_row(row, result["queries"], metric, stats))
+    queries = results[first]["queries"]
+    lines.append(table_row(first, queries, "classifier accuracy", {ENGINE: summary["classifier_accuracy"]}))
+    for kind in ERROR_KINDS:
+        stats = {method: scores[kind] for method, scores in summary["error_scores"].items() if kind in scores}
+        if stats:
+            figure = f"error score, {'model' if kind == 'predicted' else kind} codes (lower is better)"
+            lines.append(table_row(first, queries, figure, stats, lower_better=True))
+    if summary["irma"] and not summary["error_scores"]:
+        lines += ["", "No error scores: give the IRMA code tables with --tables."]
+    means = {
+        row: {
+            "methods": {
+                method: {m: figures[m]["mean"] for m in METRICS} for method, figures in result["methods"].items()
+            }
+        }
+        for row, result in results.items()
+    }
+    lines += [
+        "",
+        "Classifier accuracy: the share of queries whose code (class) the model predicts exactly, '*' counting as "
+        "wrong."
+        + (
+            " Error scores: the mean ImageCLEF error score of the codes given to the queries (0 right, 1 wrong on "
+            "every axis), the model's predicted codes ('*' where it stops) and each method's kNN vote."
+            if summary["error_scores"]
+            else ""
+        ),
+        "",
+        (
+            f"The engine ran in {summary['runtime']}; the same model in torch differs from it by at most "
+            f"{max(runtime_gap(done['results']) for done in folds):.3f} on any figure of any fold."
+        ),
+        "",
+        "On the means over the folds: "
+        + goals(means)
+        + f" The engine {'beats or equals' if beats_baselines(means) else 'does not beat'} both baselines (raw "
+        "pixels, frozen ImageNet Lite0) on every figure of the table.",
+    ]
+    return "\n".join(lines)
+
+
+def folds_plot(summary: dict, path: Path) -> None:
+    """Per shown label, each figure's mean over the folds with its standard deviation as an error bar, the
+    engine beside the baselines and the untrained trunk; then the error scores, when there are any."""
+    shown = [row for row in ("full code", "anatomical", "class (all queries)") if row in summary["results"]]
+    methods = (ENGINE, PIXELS, FROZEN, UNTRAINED)
+    errors = summary["error_scores"]
+    width = 0.8 / len(methods)
+
+    def bars(axis, groups: tuple[str, ...], stats: dict[str, dict[str, dict]]) -> None:
+        """A bar per method in each group it has a figure for, each method in the same colour in every panel."""
+        for n, method in enumerate(methods):
+            present = [k for k, group in enumerate(groups) if group in stats[method]]
+            values = [stats[method][groups[k]] for k in present]
+            axis.bar(
+                np.array(present) + (n - (len(methods) - 1) / 2) * width,
+                [value["mean"] for value in values],
+                width,
+                yerr=[value["std"] for value in values],
+                capsize=2,
+                color=f"C{n}",
+                label=method,
+            )
+        axis.set_xticks(np.arange(len(groups)), groups)
+        axis.grid(alpha=0.3, axis="y")
+
+    panels = len(shown) + bool(errors)
+    with saved_figure(path, ncols=panels, figsize=(6 * panels, 4.5), squeeze=False) as (_, axes):
+        for axis, row in zip(axes[0], shown, strict=False):
+            bars(axis, METRICS, summary["results"][row]["methods"])
+            axis.set(title=f"{row}, mean ± sd over {summary['folds']} folds", ylim=(0, 1))
+            axis.legend(loc="lower left", fontsize="small")
+        if errors:
+            bars(axes[0][-1], ERROR_KINDS, errors)
+            axes[0][-1].set(title="mean error score of the codes given (lower is better)")
+
+
 # -- refining a search (issue 16) -------------------------------------------------------------------------------
 
 REFINE_GOAL = 0.10  # full-code P@10 gained by one round of refinement by example
@@ -403,8 +673,8 @@ def run_refine(args) -> dict:
     dataset = open_dataset(args.gallery or args.dataset)
     records = single_labelled(dataset)
     query_dataset = open_dataset(args.queries) if args.queries else None
-    checkpoint, _ = trained(args, dataset, tables, fresh=False)
-    gallery, queries, split = parts(args, records, single_labelled(query_dataset) if query_dataset else None)
+    checkpoint, _ = trained(args, dataset, tables, args.work, fresh=False)
+    gallery, queries, split = parts(args.work, records, single_labelled(query_dataset) if query_dataset else None)
     query_labels = [record.labels[0] for record in queries]
     rows = report_rows(checkpoint.schema.task == "irma-axes", query_labels)
     same = next(iter(rows.values()))[0]  # the full code (class datasets: the class)
@@ -580,17 +850,35 @@ def main() -> None:
         default=Path("benchmark-work/retrieval"),
         help="folder for the model, the engine and the caches",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (or folds) and the training")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        metavar="N",
+        help="instead of one split of DATASET: N >= 2 stratified folds, each queried against the others",
+    )
     parser.add_argument(
         "--only",
         choices=("refine",),
         help="run one part alone: refine (by example and by region), with the model an earlier run left in WORK",
     )
     args = parser.parse_args()
+    if args.folds is not None:
+        if args.folds < 2:
+            parser.error(f"--folds needs at least 2 folds, got {args.folds}")
+        if args.gallery is not None or args.queries is not None:
+            parser.error("--folds splits DATASET; it does not go with --gallery and --queries")
+        if args.only is not None:
+            parser.error("--folds does not go with --only (refining uses the model of one split)")
     if (args.gallery is None) != (args.queries is None):
         parser.error("--gallery and --queries go together")
     if (args.dataset is None) == (args.gallery is None):
         parser.error("give either DATASET or --gallery and --queries")
+    if args.folds is not None:
+        run_and_publish(
+            FOLDS_NAME, run_folds, args, plot=folds_plot, plot_file=f"{FOLDS_NAME}.png", markdown=folds_markdown
+        )
+        return
     if args.only is None:
         run_and_publish("retrieval", run, args, plot=plot, plot_file="retrieval-precision.png", markdown=markdown)
     run_and_publish(

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cbmir.checkpoint import CARD_FILE, WEIGHTS_FILE, Checkpoint, CheckpointError
@@ -54,7 +53,7 @@ class _GraphModule(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         output = self.model(images.permute(0, 3, 1, 2).float())
-        return (F.normalize(output.features, dim=1), *(output.logits[head] for head in self.heads))
+        return (output.embedding, *(output.logits[head] for head in self.heads))
 
 
 @dataclass(frozen=True)

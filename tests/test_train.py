@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from sklearn.decomposition import PCA
 
 import cbmir.train.loop as loop
 from cbmir.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -129,8 +130,20 @@ def test_heads_mode_trains_on_cached_features_of_the_pretrained_lite0(archive, t
     config = make_config(epochs=3, views=2, embedding_dim=64, batch_size=8)
     checkpoint = train(open_dataset(archive), config, tmp_path)
     assert checkpoint.card["architecture"]["name"] == "efficientnet-lite0-regional"
-    assert checkpoint.model.embedding_dim == 64
-    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2  # train views, validation
+    assert checkpoint.model.neck_dim == 64 and checkpoint.model.embedding_dim == 64 + 128  # the kept trunk
+    assert checkpoint.card["embedding_dim"] == 192 and checkpoint.card["architecture"]["kept_trunk_dims"] == 128
+    cached = [np.load(path) for path in (tmp_path / "cache").glob("features-*.npy")]
+    assert sorted(len(views) for views in cached) == [1, 2]  # train views, validation
+    # the kept projection: the principal components of the training images' plain trunk features (as
+    # scikit-learn finds them, up to each component's sign)
+    plain = next(views for views in cached if len(views) == 2)[0]
+    model = load_checkpoint(tmp_path).model
+    ours = (plain - model.trunk_mean.numpy()) @ model.trunk_components.numpy()
+    theirs = PCA(n_components=min(len(plain), 128)).fit_transform(plain)
+    used = min(len(plain) - 1, 128)  # centred features of n images span n - 1 directions
+    np.testing.assert_allclose(np.abs(ours[:, :used]), np.abs(theirs[:, :used]), atol=1e-3)
+    vectors = model.embed(torch.zeros(2, 3, model.input_size, model.input_size))
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(2))
     trunk = [name for name, _ in checkpoint.model.named_parameters() if name.startswith("trunk.")]
     loaded = load_checkpoint(tmp_path)
     pretrained = create_model(

@@ -33,5 +33,5 @@ class TorchRunner:
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         output = self.model(images_to_tensor(images, self.device))
-        vectors = torch.nn.functional.normalize(output.features, dim=1).float().cpu().numpy()
+        vectors = output.embedding.float().cpu().numpy()
         return vectors, {head: values.float().cpu().numpy() for head, values in output.logits.items()}

@@ -8,10 +8,12 @@ embedding used for similarity search, and every head is one layer on top of it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,11 +28,13 @@ class ModelError(CbmirError):
 @dataclass(frozen=True)
 class ModelOutput:
     """One forward pass: `logits` maps each head name to N x n_classes raw logits (log-probabilities for the
-    two-stage cascade, which `cross_entropy` treats the same way); `features` is the N x embedding_dim
-    penultimate layer, not normalised."""
+    two-stage cascade, which `cross_entropy` treats the same way); `features` is the penultimate layer, not
+    normalised (what the heads and the training losses see); `embedding` the N x embedding_dim search vectors,
+    at unit L2 norm."""
 
     logits: dict[str, torch.Tensor]
     features: torch.Tensor
+    embedding: torch.Tensor
 
 
 class InputScaling(nn.Module):
@@ -89,7 +93,8 @@ class LinearHeads(Heads):
 
 
 class RadiographNet(nn.Module):
-    """Trunk, optional neck and heads, with the trunk's own input scaling built in.
+    """Trunk, optional neck and heads, with the trunk's own input scaling built in; optionally a kept
+    projection of the trunk in the search vectors (`keep_trunk`).
 
     Inputs are float N x 3 x input_size x input_size tensors with values 0..255.
 
@@ -98,6 +103,9 @@ class RadiographNet(nn.Module):
     then stay in eval mode, also under `model.train()` (this class overrides `train`): they normalise with
     their stored running statistics and never update them, as the frozen weights around them expect.
     """
+
+    trunk_mean: torch.Tensor  # with `keep_trunk`
+    trunk_components: torch.Tensor
 
     def __init__(
         self,
@@ -119,6 +127,8 @@ class RadiographNet(nn.Module):
         else:
             self.neck = nn.Sequential(nn.Linear(trunk.out_features, neck_dim), nn.ReLU())
             self.embedding_dim = neck_dim
+        self.neck_dim = self.embedding_dim
+        self.kept_trunk_dims = 0
         self.heads = heads
         self.head_sizes: dict[str, int] = dict(heads.sizes)
         self._blocks = trunk.blocks
@@ -151,16 +161,46 @@ class RadiographNet(nn.Module):
         return self.trunk(self.scaling(x))
 
     def head_forward(self, trunk_features: torch.Tensor) -> ModelOutput:
-        """Neck and heads on (cached) trunk features."""
+        """Neck, heads and search vectors on (cached) trunk features."""
         features = self.neck(trunk_features)
-        return ModelOutput(logits=self.heads(features), features=features)
+        embedding = F.normalize(features, dim=1)
+        if self.kept_trunk_dims:
+            kept = F.normalize((trunk_features - self.trunk_mean) @ self.trunk_components, dim=1)
+            embedding = torch.cat([embedding, kept], dim=1) * math.sqrt(0.5)  # two unit halves, equal weight
+        return ModelOutput(logits=self.heads(features), features=features, embedding=embedding)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         return self.head_forward(self.trunk_features(x))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The penultimate features scaled to unit L2 norm, N x embedding_dim: the search vectors."""
-        return F.normalize(self.neck(self.trunk_features(x)), dim=1)
+        """The search vectors, N x embedding_dim, at unit L2 norm."""
+        return self.forward(x).embedding
+
+    def keep_trunk(self, dims: int) -> None:
+        """Search with `dims` projections of the trunk's pooled features beside the neck's output (see the
+        module docstring): the embedding grows by `dims`. The projection (`trunk_mean`, `trunk_components`:
+        the training images' principal components, set by `fit_kept_trunk`) is part of the weights, never
+        trained."""
+        if isinstance(dims, bool) or not isinstance(dims, int) or not 0 < dims <= self.trunk_dim:
+            raise ModelError(f"kept_trunk_dims must be an integer from 1 to the trunk's {self.trunk_dim}, got {dims!r}")
+        self.register_buffer("trunk_mean", torch.zeros(self.trunk_dim))
+        self.register_buffer("trunk_components", torch.zeros(self.trunk_dim, dims))
+        self.kept_trunk_dims = dims
+        self.embedding_dim = self.neck_dim + dims
+
+    def fit_kept_trunk(self, trunk_features: np.ndarray) -> None:
+        """Set the kept projection from trunk features of training images (N x trunk_dim): their mean and
+        first `kept_trunk_dims` principal components."""
+        if len(trunk_features) < 2:
+            raise ModelError("fitting the kept trunk projection needs the trunk features of at least 2 images")
+        features = np.asarray(trunk_features, dtype=np.float64)
+        mean = features.mean(axis=0)
+        _, _, components = np.linalg.svd(features - mean, full_matrices=False)
+        rows = components[: self.kept_trunk_dims].T
+        projection = np.zeros((self.trunk_dim, self.kept_trunk_dims))
+        projection[:, : rows.shape[1]] = rows  # fewer images than dims: the remaining directions stay zero
+        self.trunk_mean.copy_(torch.from_numpy(mean))
+        self.trunk_components.copy_(torch.from_numpy(projection))
 
     def set_trainable(self, trunk_blocks: int) -> None:
         """Train the neck, the heads and the last `trunk_blocks` trunk blocks; freeze the rest of the trunk.

@@ -71,6 +71,7 @@ def create_model(
     *,
     pretrained: bool | str | os.PathLike = False,
     embedding_dim: int | None = None,
+    kept_trunk_dims: int = 0,
     **options: Any,
 ) -> RadiographNet:
     """Build the model `name` with one classifier head per entry of `heads` (head name -> number of classes).
@@ -79,8 +80,10 @@ def create_model(
     (see `model_info(name).pretrained`); or the path of a trunk state-dict file (what
     torch.save(model.trunk.state_dict(), path) writes), or of a whole checkpoint of the trunk's source model,
     such as a torchvision ImageNet file, whose classifier keys are skipped. embedding_dim: width of a
-    Linear + ReLU neck between trunk and heads (None: the model's default). options: the model's own
-    keyword arguments. Every argument is checked, and weights files read, before anything is built.
+    Linear + ReLU neck between trunk and heads (None: the model's default). kept_trunk_dims: up to that
+    many (at most the trunk's width) projections of the trunk's features searched beside the neck's output
+    (`RadiographNet.keep_trunk`; 0: none). options: the model's own keyword arguments. Every argument is
+    checked, and weights files read, before anything is built.
     """
     info, builder = _lookup(name)
     head_sizes = _checked_heads(heads)
@@ -89,6 +92,8 @@ def create_model(
     ):
         raise ModelError(f"embedding_dim must be a positive integer or None, got {embedding_dim!r}")
     embedding_dim = None if embedding_dim is None else int(embedding_dim)
+    if isinstance(kept_trunk_dims, bool) or not isinstance(kept_trunk_dims, Integral) or kept_trunk_dims < 0:
+        raise ModelError(f"kept_trunk_dims must be a whole number, 0 or more, got {kept_trunk_dims!r}")
     try:
         inspect.signature(builder).bind(head_sizes, embedding_dim, **options)
     except TypeError as exc:
@@ -110,9 +115,13 @@ def create_model(
         raise ModelError(f"pretrained must be True, False or a file path, got {pretrained!r}")
 
     model = builder(head_sizes, embedding_dim, **options)
+    kept_trunk_dims = min(int(kept_trunk_dims), model.trunk_dim)  # a narrow trunk is kept whole
+    if kept_trunk_dims:
+        model.keep_trunk(kept_trunk_dims)
     if state is not None:
         model.load_trunk_state(state, f"{origin} (for model {name})")
-    model.config = {"name": name, "heads": head_sizes, "embedding_dim": embedding_dim, **options}
+    kept = {"kept_trunk_dims": kept_trunk_dims} if kept_trunk_dims else {}  # absent: the cards made before it
+    model.config = {"name": name, "heads": head_sizes, "embedding_dim": embedding_dim, **kept, **options}
     return model
 
 

@@ -39,6 +39,9 @@ class TrainConfig:
     input_size: int | None = None  # default: the model's own input size
     pretrained: str = "packaged"  # packaged (the model's shipped weights, if any), none, or a trunk weights file
     embedding_dim: int | None = 512  # width of the embedding layer (neck); None: the model's default
+    # Projections of the trunk's features searched beside the neck's output (RadiographNet.keep_trunk; 0: none):
+    # over 5 folds of irma2007-dev +0.04 full-code P@1 for 128 more dimensions (BENCHMARKS.md).
+    kept_trunk_dims: int = 128
     model_options: dict[str, Any] = field(default_factory=dict)
     mode: Mode = "heads"
     finetune_blocks: int = 4  # the last four stages of the default trunk, the ones its regional pooling reads
@@ -70,6 +73,9 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TrainingError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        kept = self.kept_trunk_dims
+        if isinstance(kept, bool) or not isinstance(kept, int) or kept < 0:
+            raise TrainingError(f"kept_trunk_dims must be a whole number, 0 or more, got {self.kept_trunk_dims!r}")
         for name in ("lr", "batch_size", "epochs", "views", "finetune_lr"):
             if not getattr(self, name) > 0:
                 raise TrainingError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -102,6 +108,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         model="inceptionv3-imageclef",
         pretrained="none",
         embedding_dim=None,
+        kept_trunk_dims=0,  # the papers search with the penultimate layer alone
         mode="full",
         optimizer="sgd",
         lr=0.01,
@@ -118,6 +125,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         model="chest-cnn-chowdhury",
         pretrained="none",
         embedding_dim=None,
+        kept_trunk_dims=0,  # the papers search with the penultimate layer alone
         mode="full",
         optimizer="adam",
         lr=1e-3,
@@ -130,6 +138,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         model="small-cnn-tripathi",
         pretrained="none",
         embedding_dim=None,
+        kept_trunk_dims=0,  # the papers search with the penultimate layer alone
         mode="full",
         optimizer="adam",
         lr=1e-4,
@@ -142,6 +151,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         model="alexnet-two-stage",
         pretrained="none",
         embedding_dim=None,
+        kept_trunk_dims=0,  # the papers search with the penultimate layer alone
         mode="full",
         optimizer="adam",
         lr=1e-4,

@@ -31,7 +31,7 @@ from cbmir.models.inference import default_device
 from cbmir.prepared import PreparedImages, prepare_images
 from cbmir.train.config import TrainConfig, TrainingError
 from cbmir.train.data import check_parts, choose_task, datafingerprint, split_records
-from cbmir.train.loop import FeatureFeed, Feed, ImageFeed, cached_views, run_stage
+from cbmir.train.loop import FeatureFeed, Feed, ImageFeed, cached_views, run_stage, trunk_feature_views
 from cbmir.train.objective import Objective
 from cbmir.train.state import STATE_FILE, EpochRecord, record_finished_stage, start_state
 
@@ -65,7 +65,12 @@ def build_model(config: TrainConfig, schema: LabelSchema) -> RadiographNet:
             f"{config.model} has none here; use mode 'full' or give pretrained=PATH"
         )
     return create_model(
-        config.model, schema.head_sizes, pretrained=pretrained, embedding_dim=config.embedding_dim, **options
+        config.model,
+        schema.head_sizes,
+        pretrained=pretrained,
+        embedding_dim=config.embedding_dim,
+        kept_trunk_dims=config.kept_trunk_dims,
+        **options,
     )
 
 
@@ -148,6 +153,8 @@ def train(
         history += result.history
         saved = record_finished_stage(out, saved, stage, model, result.history)
     model.eval()
+    if model.kept_trunk_dims:
+        model.fit_kept_trunk(final_trunk_features(model, train_part, config, cache, device))
 
     checkpoint = Checkpoint(model, new_card(model, schema, pipeline), out)
     if schema.task == "irma-axes":
@@ -177,6 +184,17 @@ def train(
     plot_history([{**entry, "epoch": number} for number, entry in enumerate(history, 1)], out / "history.png")
     (out / STATE_FILE).unlink()
     return checkpoint
+
+
+def final_trunk_features(
+    model: RadiographNet, part: PreparedImages, config: TrainConfig, cache: Path, device: torch.device
+) -> np.ndarray:
+    """The trunk's pooled features of the part's images as trained (unaugmented): in `heads` mode the cached
+    plain view, the trunk never having changed; else computed now."""
+    if config.mode == "heads":
+        return cached_views(model, part, config, cache, device, config.views, "train")[0]
+    with torch.inference_mode():
+        return trunk_feature_views(model, part.images, 1, config, device, "trunk features (trained)")[0]
 
 
 # Real images the exported graph is checked on against torch.
