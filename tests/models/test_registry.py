@@ -324,6 +324,30 @@ def test_bad_arguments_are_refused():
         create_model("resnet18", {"label": 2}, embedding_dim=0)
     with pytest.raises(ModelError, match="pretrained must be True, False or a file path, got None"):
         create_model("resnet18", {"label": 2}, pretrained=None)  # type: ignore[arg-type]  # the check under test
+    with pytest.raises(ModelError, match="kept_trunk_dims must be a whole number, 0 or more, got -1"):
+        create_model("resnet18", {"label": 2}, kept_trunk_dims=-1)
+
+
+def test_a_kept_trunk_searches_beside_the_neck_and_survives_a_rebuild():
+    """The search vector: the neck's output and the kept projection of the trunk, each at unit length, and
+    equally weighted; a narrow trunk (64 features) is kept whole; the projection is part of the weights."""
+    torch.manual_seed(0)
+    model = create_model("small-cnn-tripathi", {"label": 2}, embedding_dim=16, kept_trunk_dims=500, input_size=96)
+    model.eval()
+    assert (model.trunk_dim, model.kept_trunk_dims, model.embedding_dim) == (64, 64, 16 + 64)
+    images = _images(model.input_size, batch=6)
+    with torch.inference_mode():
+        model.fit_kept_trunk(model.trunk_features(images).numpy())
+        out = model(images)
+    neck, kept = out.embedding[:, :16], out.embedding[:, 16:]
+    torch.testing.assert_close(neck, F.normalize(out.features, dim=1) * 0.5**0.5)
+    centred = model.trunk_features(images).detach() - model.trunk_mean
+    torch.testing.assert_close(kept, F.normalize(centred @ model.trunk_components, dim=1) * 0.5**0.5)
+    torch.testing.assert_close(out.embedding.norm(dim=1), torch.ones(6))
+    rebuilt = create_model(**model.config).eval()
+    rebuilt.load_state_dict(model.state_dict())  # the projection travels with the weights
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt(images).embedding, out.embedding)
 
 
 def test_embedding_dim_adds_a_neck():
