@@ -291,7 +291,7 @@ class PostgresDatabase(Database):
 
     def __init__(self, address: PostgresAddress):
         self.address, self.name = address, address.name
-        self._in_transaction = False
+        self._open_transactions = 0  # nested ones too: no reconnecting until the outermost has ended
         try:
             self._db = self._connect()
         except psycopg.Error as error:
@@ -314,7 +314,7 @@ class PostgresDatabase(Database):
         session) and no transaction is open. Nothing is lost: a transaction the break cut off was rolled
         back whole by the server and failed its caller; this process's state lives in the tables. A server
         that does not answer again is a `DatabaseError` for this statement; the next one tries again."""
-        if self._db.broken and not self._in_transaction:
+        if self._db.broken and not self._open_transactions:
             try:
                 self._db = self._connect()
             except psycopg.Error as error:
@@ -363,12 +363,12 @@ class PostgresDatabase(Database):
     def transaction(self) -> Iterator[None]:
         try:
             with self._connection().transaction():
-                self._in_transaction = True
+                self._open_transactions += 1
                 try:
                     self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK,))
                     yield
                 finally:
-                    self._in_transaction = False
+                    self._open_transactions -= 1
         except psycopg.Error as error:  # the commit itself failed
             raise DatabaseError(self.name, self._reason(error)) from None
 
