@@ -61,10 +61,6 @@ class Checkpoint:
             return self._model
 
     @property
-    def head_sizes(self) -> dict[str, int]:
-        return dict(self.card["architecture"]["heads"])
-
-    @property
     def embedding_dim(self) -> int:
         return int(self.card["embedding_dim"])
 

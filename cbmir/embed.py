@@ -259,7 +259,7 @@ class Embedder:
         self.pipeline: Preprocessing = checkpoint.pipeline
         self.irma_threshold = checkpoint.irma_threshold
         self.batch_size = batch_size
-        self.head_sizes = checkpoint.head_sizes
+        self.head_sizes = checkpoint.schema.head_sizes
         self.stamp = ModelStamp(checkpoint.stamp, checkpoint.embedding_dim)
         self._runner = _choose_runner(checkpoint, runtime, threads)
         if self._runner.name == "onnx" and batch_size > MAX_GRAPH_BATCH:
@@ -317,4 +317,4 @@ def _choose_runner(checkpoint: Checkpoint, runtime: Runtime, threads: int | None
 
         _apply_torch_threads()
         return TorchRunner(checkpoint)
-    return _OnnxRunner(graph_for(checkpoint), list(checkpoint.head_sizes), threads)
+    return _OnnxRunner(graph_for(checkpoint), list(checkpoint.schema.head_sizes), threads)

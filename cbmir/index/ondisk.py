@@ -74,6 +74,18 @@ def faiss_message(error: RuntimeError) -> str:
     return str(error).strip().splitlines()[0].rsplit(": ", 1)[-1]
 
 
+def factory_index(dimension: int, factory: str, index_type: str, hint: str) -> faiss.Index:
+    """FAISS's index of `factory` for inner products; one it cannot build is an `IndexConfigError` naming
+    the `index_type` asked for, FAISS's reason and the `hint`."""
+    try:
+        return faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise IndexConfigError(
+            f"index type {index_type!r}: FAISS cannot build it for {dimension}-d vectors "
+            f"({faiss_message(error)}); {hint}"
+        ) from None
+
+
 def id_bitmap(members: np.ndarray) -> faiss.IDSelector:
     """A FAISS selector of these ids (or positions) as a bitmap: one bit test per candidate vector, cheaper
     than the hash lookup of IDSelectorBatch."""
@@ -85,13 +97,7 @@ def id_bitmap(members: np.ndarray) -> faiss.IDSelector:
 def new_compressed(dimension: int, factory: str) -> faiss.Index:
     """An empty, untrained compressed index of `factory` for inner products, with store ids."""
     hint = "use ondisk:<an IVF factory string>, such as ondisk:IVF1024,PQ64 or ondisk:OPQ64_256,IVF4096,PQ64"
-    try:
-        index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise IndexConfigError(
-            f"index type {ONDISK + factory!r}: FAISS cannot build it for {dimension}-d vectors "
-            f"({faiss_message(error)}); {hint}"
-        ) from None
+    index = factory_index(dimension, factory, ONDISK + factory, hint)
     try:
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     except RuntimeError:

@@ -50,6 +50,7 @@ from cbmir.index.ondisk import (
     OnDiskIndex,
     centroids,
     compressed_factory,
+    factory_index,
     faiss_message,
     id_bitmap,
     new_compressed,
@@ -132,13 +133,7 @@ def _empty_index(dimension: int, index_type: str) -> faiss.Index:
         "use Flat, HNSW{M} (such as HNSW32), IVF{lists},Flat (such as IVF1024,Flat) or, to keep the vectors on "
         "disk, ondisk:{IVF factory} (such as ondisk:IVF1024,PQ64)"
     )
-    try:
-        index = faiss.index_factory(dimension, index_type, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise IndexConfigError(
-            f"index type {index_type!r}: FAISS cannot build it for {dimension}-d vectors "
-            f"({faiss_message(error)}); {hint}"
-        ) from None
+    index = factory_index(dimension, index_type, index_type, hint)
     if not isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)):
         raise IndexConfigError(f"index type {index_type!r} compresses or transforms the vectors; {hint}")
     return index if isinstance(index, faiss.IndexIVF) else faiss.IndexIDMap2(index)
