@@ -416,6 +416,13 @@ def plot(summary: dict, path: Path) -> None:
 # -- over folds (issue 17) ------------------------------------------------------------------------------------
 
 FOLDS_NAME = "retrieval-folds"
+
+
+def folds_section(dataset: Path) -> str:
+    """The BENCHMARKS.md section (and results file names) of a folds run: one per dataset folder."""
+    return f"{FOLDS_NAME}-{dataset.name}"
+
+
 ERROR_KINDS = ("kNN-voted (top 5)", "predicted")
 
 
@@ -502,6 +509,7 @@ def run_folds(args) -> dict:
         for method, kinds in per_fold[0]["error_scores"].items()
     }
     return {
+        "section": folds_section(args.dataset),
         "dataset": dataset.name,
         "images": len(records),
         "folds": args.folds,
@@ -541,7 +549,7 @@ def folds_markdown(summary: dict) -> str:
             )
         ),
         "",
-        f"![over {summary['folds']} folds](benchmarks/results/{FOLDS_NAME}.png)",
+        f"![over {summary['folds']} folds](benchmarks/results/{summary['section']}.png)",
         "",
         (
             f"Each cell: the mean over the {summary['folds']} folds ± their sample standard deviation (min–max); in "
@@ -875,9 +883,8 @@ def main() -> None:
     if (args.dataset is None) == (args.gallery is None):
         parser.error("give either DATASET or --gallery and --queries")
     if args.folds is not None:
-        run_and_publish(
-            FOLDS_NAME, run_folds, args, plot=folds_plot, plot_file=f"{FOLDS_NAME}.png", markdown=folds_markdown
-        )
+        section = folds_section(args.dataset)
+        run_and_publish(section, run_folds, args, plot=folds_plot, plot_file=f"{section}.png", markdown=folds_markdown)
         return
     if args.only is None:
         run_and_publish("retrieval", run, args, plot=plot, plot_file="retrieval-precision.png", markdown=markdown)

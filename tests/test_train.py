@@ -13,10 +13,11 @@ from sklearn.decomposition import PCA
 
 import cbmir.train.loop as loop
 from cbmir.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cbmir.datasets import Dataset, Record, open_dataset
+from cbmir.datasets import Dataset, Record, load_pixels, open_dataset
 from cbmir.embed import Embedder
 from cbmir.irma import CodeTables
 from cbmir.models import ModelError, create_model
+from cbmir.models.inference import images_to_tensor
 from cbmir.synthetic import write_synthetic_archive
 from cbmir.train import STATE_FILE, TrainConfig, TrainingError, make_config, train
 from cbmir.train.state import write_state
@@ -132,7 +133,7 @@ def test_heads_mode_trains_on_cached_features_of_the_pretrained_lite0(archive, t
     assert checkpoint.card["architecture"]["name"] == "efficientnet-lite0-regional"
     assert checkpoint.model.neck_dim == 64 and checkpoint.model.embedding_dim == 64 + 128  # the kept trunk
     assert checkpoint.card["embedding_dim"] == 192 and checkpoint.card["architecture"]["kept_trunk_dims"] == 128
-    cached = [np.load(path) for path in (tmp_path / "cache").glob("features-*.npy")]
+    cached = [np.load(path)["features"] for path in (tmp_path / "cache").glob("features-*.npz")]
     assert sorted(len(views) for views in cached) == [1, 2]  # train views, validation
     # the kept projection: the principal components of the training images' plain trunk features (as
     # scikit-learn finds them, up to each component's sign)
@@ -168,6 +169,16 @@ def test_finetune_mode_trains_only_the_last_four_stages_of_the_default_trunk(arc
         block = name.split(".")[1] if name.startswith("blocks.") else "stem"
         moved[block] = moved.get(block, False) or not torch.equal(checkpoint.model.trunk.get_parameter(name), value)
     assert moved == {"stem": False, "0": False, "1": False, "2": False, "3": True, "4": True, "5": True, "6": True}
+    # Both stages trained on one cache of the frozen stages (the activations entering stage 3), none of images.
+    assert [path.name.split("-")[0] for path in (tmp_path / "cache").glob("*.npz")] == ["stage", "stage"]
+    # The kept projection is fitted on the fine-tuned trunk: the mean of its features of the training images.
+    split = json.loads((tmp_path / "split.json").read_text())["train"]
+    embedder = Embedder(load_checkpoint(tmp_path), runtime="torch")
+    records = {record.id: record for record in open_dataset(archive).records}
+    inputs = np.stack([embedder.prepare(load_pixels(records[image_id])) for image_id in split])
+    with torch.inference_mode():
+        features = checkpoint.model.trunk_features(images_to_tensor(inputs, torch.device("cpu")))
+    torch.testing.assert_close(checkpoint.model.trunk_mean, features.mean(0), atol=1e-4, rtol=1e-4)
 
 
 def test_multi_label_training_reports_roc_auc(archive, tmp_path):

@@ -323,14 +323,36 @@ class RegionalPooling(nn.Module):
         """The submodule names of the stages it pools, whose outputs are the spatial maps it summarises."""
         return tuple(f"blocks.{index}" for index in range(self.first_pooled, len(self.blocks)))
 
+    @property
+    def n_stages(self) -> int:
+        return len(self.blocks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.bn1(self.conv_stem(x)), [], 0)
+
+    def start(self, x: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stem and the stages before `stop` on scaled images: the activation entering stage `stop` and
+        the pooled descriptors of the pooled stages among them (N x 0 when none is)."""
         x = self.bn1(self.conv_stem(x))
-        pooled = []
-        for index, stage in enumerate(self.blocks):
-            x = stage(x)
+        pooled = [x.new_zeros(len(x), 0)]
+        for index in range(stop):
+            x = self.blocks[index](x)
             if index >= self.first_pooled:
-                pooled.append(F.normalize(F.adaptive_avg_pool2d(x, self.grid).flatten(1), dim=1))
+                pooled.append(self._pool(x))
+        return x, torch.cat(pooled, dim=1)
+
+    def finish(self, x: torch.Tensor, pooled: list[torch.Tensor], first: int) -> torch.Tensor:
+        """The stages from `first` on the activation entering it, after the `pooled` descriptors of the
+        earlier stages: the trunk's output."""
+        pooled = list(pooled)
+        for index in range(first, len(self.blocks)):
+            x = self.blocks[index](x)
+            if index >= self.first_pooled:
+                pooled.append(self._pool(x))
         return torch.cat(pooled, dim=1)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(F.adaptive_avg_pool2d(x, self.grid).flatten(1), dim=1)
 
 
 def _output_channels(stage: nn.Module) -> int:

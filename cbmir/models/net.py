@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -71,6 +71,19 @@ class Trunk:
     out_features: int
     blocks: tuple[tuple[str, ...], ...]
     source_head: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class StagedTrunk(Protocol):
+    """A trunk module that also runs in two parts, `finish(*start(x, k), k)` being `forward(x)`: `start` runs
+    the stem and stages before stage k, `finish` the stages from k (of `n_stages`) on what `start` gave; so
+    fine-tuning the late stages can run on cached activations of the frozen early ones."""
+
+    n_stages: int
+
+    def start(self, x: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def finish(self, x: torch.Tensor, pooled: list[torch.Tensor], first: int) -> torch.Tensor: ...
 
 
 class Heads(nn.Module):
@@ -148,6 +161,29 @@ class RadiographNet(nn.Module):
 
     def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled trunk output before the neck, N x trunk_dim: what to cache for head-only training."""
+        return self.trunk(self.scaling(self._checked_input(x)))
+
+    def cached_stage(self, trunk_blocks: int) -> int | None:
+        """Where training the last `trunk_blocks` trunk blocks can start from cached activations: the index of
+        the first trained stage of a `StagedTrunk` whose stem stays frozen; None for other trunks (train them
+        on images)."""
+        trunk = self.trunk
+        if isinstance(trunk, StagedTrunk) and 0 < trunk_blocks <= trunk.n_stages:
+            return trunk.n_stages - trunk_blocks
+        return None
+
+    def trunk_start(self, x: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen part of the trunk up to `stage` (see `cached_stage`): the activation entering it and
+        the pooled descriptors of the stages before it, what to cache for fine-tuning the stages after."""
+        assert isinstance(self.trunk, StagedTrunk)
+        return self.trunk.start(self.scaling(self._checked_input(x)), stage)
+
+    def trunk_finish(self, activation: torch.Tensor, pooled: torch.Tensor, stage: int) -> torch.Tensor:
+        """The trunk features from what `trunk_start` gave for `stage`."""
+        assert isinstance(self.trunk, StagedTrunk)
+        return self.trunk.finish(activation, [pooled], stage)
+
+    def _checked_input(self, x: torch.Tensor) -> torch.Tensor:
         if not (
             isinstance(x, torch.Tensor)
             and x.is_floating_point()
@@ -158,7 +194,7 @@ class RadiographNet(nn.Module):
             got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             size = self.input_size
             raise ModelError(f"model input must be a float tensor N x 3 x {size} x {size} (values 0..255), got {got}")
-        return self.trunk(self.scaling(x))
+        return x
 
     def head_forward(self, trunk_features: torch.Tensor) -> ModelOutput:
         """Neck, heads and search vectors on (cached) trunk features."""

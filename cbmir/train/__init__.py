@@ -4,7 +4,10 @@ Three modes:
 - `heads` (the default): the pretrained trunk stays frozen; its features are computed once per image for a
   few augmented views and cached on disk, then the neck (the embedding layer) and the heads train on those
   features in seconds per epoch.
-- `finetune`: `heads` first, then the last `finetune_blocks` trunk blocks train too, on images, at a lower rate.
+- `finetune`: `heads` first, then the last `finetune_blocks` trunk blocks train too, at a lower rate. On a trunk
+  that runs in parts (the default's, `cbmir.models.net.StagedTrunk`) both stages train on one cache of what its
+  frozen early stages give for the same augmented views, so fine-tuning costs the trained stages alone; other
+  trunks fine-tune on images, augmented afresh each epoch.
 - `full`: everything trains on images from the first epoch (the papers' from-scratch recipes; slow on CPU).
 
 Each epoch validates; training stops early when the validation loss has not improved for `patience` epochs and

@@ -60,6 +60,7 @@ class TrainConfig:
     class_balance: ClassBalance = "sqrt"
     contrastive_weight: float = 0.5  # supervised contrastive loss on the embedding, beside classification
     label_smoothing: float = 0.0
+    hierarchy_weight: float = 0.0  # IRMA axes, with code tables: weight of the expected hierarchical error
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # for datasets without their own split
     seed: int = 0
 
@@ -80,7 +81,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise TrainingError(f"{name} must be positive, got {getattr(self, name)!r}")
         not_negative = ("patience", "finetune_epochs", "lr_decay", "momentum", "weight_decay", "rotation")
-        for name in (*not_negative, "contrastive_weight", "label_smoothing"):
+        for name in (*not_negative, "contrastive_weight", "label_smoothing", "hierarchy_weight"):
             if getattr(self, name) < 0:
                 raise TrainingError(f"{name} must not be negative, got {getattr(self, name)!r}")
         split = tuple(self.split)

@@ -1,6 +1,7 @@
-"""The training loop: feeds that give batches (cached trunk features in `heads` mode, augmented images
-otherwise), `run_stage` (epochs with validation, early stopping on the validation loss, the stage's state
-written after every epoch) and `evaluate_feed`; and the trunk feature views of `heads` mode, cached on disk.
+"""The training loop: feeds that give batches (cached trunk features in `heads` mode, cached activations of
+the frozen early stages when fine-tuning a trunk that runs in parts, augmented images otherwise), `run_stage`
+(epochs with validation, early stopping on the validation loss, the stage's state written after every epoch)
+and `evaluate_feed`; and those cached views, written to disk atomically.
 
 Every epoch draws its randomness (shuffling, views, augmentation, dropout) from a seed made of (seed, stage,
 epoch) alone, so an epoch run after a resume is the same as in an uninterrupted run.
@@ -9,10 +10,10 @@ epoch) alone, so an epoch run after a resume is the same as in an uninterrupted 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ from cbmir.train.config import TrainConfig
 from cbmir.train.objective import Objective
 from cbmir.train.state import EpochRecord, write_state
 
+Batch = tuple[torch.Tensor, ...]
+
 
 class FeatureFeed:
     """`heads` mode: cached trunk features, views x N x D for training (one random view per sample and epoch)
@@ -35,47 +38,74 @@ class FeatureFeed:
     def __init__(self, train_views: np.ndarray, validation: np.ndarray):
         self.train_views, self.validation = torch.from_numpy(train_views), torch.from_numpy(validation)
 
-    def train_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    def train_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
         order = rng.permutation(self.train_views.shape[1])
         views = rng.integers(0, self.train_views.shape[0], size=len(order))
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            yield self.train_views[views[start : start + len(rows)], rows], rows
+            yield (self.train_views[views[start : start + len(rows)], rows],), rows
 
-    def validation_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        for start in range(0, len(self.validation), batch_size):
-            rows = np.arange(start, min(start + batch_size, len(self.validation)))
-            yield self.validation[rows], rows
+    def validation_batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
+        for rows in _row_chunks(len(self.validation), batch_size):
+            yield (self.validation[rows],), rows
 
     @staticmethod
-    def forward(model: RadiographNet, x: torch.Tensor) -> ModelOutput:
-        return model.head_forward(x)
+    def forward(model: RadiographNet, batch: Batch) -> ModelOutput:
+        return model.head_forward(batch[0])
+
+
+class StageFeed:
+    """`finetune` mode on a trunk that runs in parts (`RadiographNet.cached_stage`): cached views of what its
+    frozen early stages give (`StageViews`), one random view per sample and epoch for training and the plain
+    view for validation; the model runs its trained stages, neck and heads."""
+
+    def __init__(self, stage: int, train: StageViews, validation: StageViews):
+        self.stage, self.train, self.validation = stage, train, validation
+
+    def train_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
+        order = rng.permutation(self.train.activations.shape[1])
+        views = rng.integers(0, self.train.activations.shape[0], size=len(order))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            yield self.train.batch(views[start : start + len(rows)], rows), rows
+
+    def validation_batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
+        for rows in _row_chunks(self.validation.activations.shape[1], batch_size):
+            yield self.validation.batch(np.zeros(len(rows), np.int64), rows), rows
+
+    def forward(self, model: RadiographNet, batch: Batch) -> ModelOutput:
+        return model.head_forward(model.trunk_finish(batch[0], batch[1], self.stage))
 
 
 class ImageFeed:
-    """`finetune` and `full` modes: preprocessed images, augmented afresh each epoch for training."""
+    """`full` mode, and `finetune` on other trunks: preprocessed images, augmented afresh each epoch for
+    training."""
 
     def __init__(self, train: np.ndarray, validation: np.ndarray, rotation: float, device: torch.device):
         self.train, self.validation, self.rotation, self.device = train, validation, rotation, device
 
-    def train_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    def train_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
         order = rng.permutation(len(self.train))
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             images = np.stack([augment(self.train[row], rng, self.rotation) for row in rows])
-            yield images_to_tensor(images, self.device), rows
+            yield (images_to_tensor(images, self.device),), rows
 
-    def validation_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        for start in range(0, len(self.validation), batch_size):
-            rows = np.arange(start, min(start + batch_size, len(self.validation)))
-            yield images_to_tensor(self.validation[rows], self.device), rows
+    def validation_batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
+        for rows in _row_chunks(len(self.validation), batch_size):
+            yield (images_to_tensor(self.validation[rows], self.device),), rows
 
     @staticmethod
-    def forward(model: RadiographNet, x: torch.Tensor) -> ModelOutput:
-        return model(x)
+    def forward(model: RadiographNet, batch: Batch) -> ModelOutput:
+        return model(batch[0])
 
 
-Feed = FeatureFeed | ImageFeed
+Feed = FeatureFeed | StageFeed | ImageFeed
+
+
+def _row_chunks(count: int, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, count, batch_size):
+        yield np.arange(start, min(start + batch_size, count))
 
 
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], config: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -144,8 +174,8 @@ def run_stage(
             unit="batch",
             leave=False,
         )
-        for x, rows in batches:
-            output = feed.forward(model, x)
+        for batch, rows in batches:
+            output = feed.forward(model, batch)
             loss = objective.loss(output, rows, train=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -197,12 +227,29 @@ def evaluate_feed(model: RadiographNet, feed: Feed, objective: Objective, batch_
     """The mean loss and accuracy of the model on the feed's validation batches."""
     model.eval()
     loss_sum = correct = seen = 0.0
-    for x, rows in feed.validation_batches(batch_size):
-        output = feed.forward(model, x)
+    for batch, rows in feed.validation_batches(batch_size):
+        output = feed.forward(model, batch)
         loss_sum += float(objective.loss(output, rows, train=False)) * len(rows)
         correct += objective.correct(output, rows)
         seen += len(rows)
     return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def _view_chunks(
+    images: np.ndarray, views: int, config: TrainConfig, device: torch.device, desc: str
+) -> Iterator[tuple[int, slice, torch.Tensor]]:
+    """(view, rows, input tensor) in chunks of the images: view 0 plain, the others seeded augmentations."""
+    batch = 16
+    progress = tqdm(total=views * len(images), desc=desc, unit="img")
+    for view in range(views):
+        rng = np.random.default_rng(epoch_seed(config.seed, "views", view))
+        for start in range(0, len(images), batch):
+            chunk = np.asarray(images[start : start + batch])
+            if view:
+                chunk = np.stack([augment(image, rng, config.rotation) for image in chunk])
+            yield view, slice(start, start + len(chunk)), images_to_tensor(chunk, device)
+            progress.update(len(chunk))
+    progress.close()
 
 
 @torch.inference_mode()
@@ -212,37 +259,107 @@ def trunk_feature_views(
     """views x N x D trunk features: view 0 of the plain images, the others of seeded augmentations."""
     model.eval()
     result = np.zeros((views, len(images), model.trunk_dim), np.float32)
-    batch = 16
-    progress = tqdm(total=views * len(images), desc=desc, unit="img")
-    for view in range(views):
-        rng = np.random.default_rng(epoch_seed(config.seed, "views", view))
-        for start in range(0, len(images), batch):
-            chunk = np.asarray(images[start : start + batch])
-            if view:
-                chunk = np.stack([augment(image, rng, config.rotation) for image in chunk])
-            features = model.trunk_features(images_to_tensor(chunk, device))
-            result[view, start : start + len(chunk)] = features.float().cpu().numpy()
-            progress.update(len(chunk))
-    progress.close()
+    for view, rows, x in _view_chunks(images, views, config, device, desc):
+        result[view, rows] = model.trunk_features(x).float().cpu().numpy()
     return result
 
 
-def cached_views(
+@dataclass
+class StageViews:
+    """What the frozen stages before a trunk stage give for views x N images (`RadiographNet.trunk_start`):
+    the activations entering the stage (float16, to halve the memory) and the pooled descriptors of the
+    stages before it."""
+
+    activations: np.ndarray
+    pooled: np.ndarray
+
+    def batch(self, views: np.ndarray, rows: np.ndarray) -> Batch:
+        return torch.from_numpy(self.activations[views, rows]).float(), torch.from_numpy(self.pooled[views, rows])
+
+
+@torch.inference_mode()
+def stage_views(
     model: RadiographNet,
-    part: PreparedImages,
-    config: TrainConfig,
-    cache: Path,
-    device: torch.device,
+    images: np.ndarray,
     views: int,
-    name: str,
-) -> np.ndarray:
-    """Trunk feature views of a part, cached on disk (written atomically): the trunk is frozen, so they never
-    change for the same images, weights, views and augmentation."""
-    settings = [json.dumps(model.config, sort_keys=True), str(config.pretrained), str(views), str(config.seed)]
-    key = fingerprint([*settings, str(config.rotation)] + [r.id for r in part.records])[:16]
-    path = cache / f"features-{key}.npy"
-    if path.exists():
-        return np.load(path)
-    features = trunk_feature_views(model, part.images, views, config, device, f"trunk features ({name})")
-    write_atomically_with(path, lambda file: np.save(file, features))
-    return features
+    stage: int,
+    config: TrainConfig,
+    device: torch.device,
+    desc: str,
+) -> StageViews:
+    """`StageViews` of the images entering trunk stage `stage`: view 0 plain, the others seeded augmentations."""
+    model.eval()
+    activations: np.ndarray | None = None
+    pooled: np.ndarray | None = None
+    for view, rows, x in _view_chunks(images, views, config, device, desc):
+        activation, descriptors = (part.float().cpu().numpy() for part in model.trunk_start(x, stage))
+        if activations is None or pooled is None:
+            activations = np.zeros((views, len(images), *activation.shape[1:]), np.float16)
+            pooled = np.zeros((views, len(images), descriptors.shape[1]), np.float32)
+        activations[view, rows] = activation
+        pooled[view, rows] = descriptors
+    assert activations is not None and pooled is not None, "no images"
+    return StageViews(activations, pooled)
+
+
+@torch.inference_mode()
+def features_from_stage(model: RadiographNet, views: StageViews, stage: int) -> np.ndarray:
+    """views x N x D trunk features, from the `StageViews` taken at `stage` by the trunk as it is now."""
+    model.eval()
+    count, size = views.activations.shape[:2]
+    result = np.zeros((count, size, model.trunk_dim), np.float32)
+    for view in range(count):
+        for rows in _row_chunks(size, 64):
+            activation, pooled = views.batch(np.full(len(rows), view), rows)
+            result[view, rows] = model.trunk_finish(activation, pooled, stage).float().cpu().numpy()
+    return result
+
+
+@dataclass(frozen=True)
+class ViewCache:
+    """Cached views of a model's frozen trunk in a folder, written atomically and named by everything they
+    depend on (the trunk is frozen where they are taken, so they never change for the same images, weights,
+    views and augmentation)."""
+
+    model: RadiographNet
+    config: TrainConfig
+    folder: Path
+    device: torch.device
+
+    def features(self, part: PreparedImages, views: int, name: str) -> np.ndarray:
+        """`trunk_feature_views` of a part."""
+        arrays = self._cached(
+            part,
+            f"features {views}",
+            lambda: {
+                "features": trunk_feature_views(
+                    self.model, part.images, views, self.config, self.device, f"trunk features ({name})"
+                )
+            },
+        )
+        return arrays["features"]
+
+    def stages(self, part: PreparedImages, views: int, stage: int, name: str) -> StageViews:
+        """`stage_views` of a part, entering trunk stage `stage`."""
+
+        def compute() -> dict[str, np.ndarray]:
+            desc = f"frozen trunk stages ({name})"
+            result = stage_views(self.model, part.images, views, stage, self.config, self.device, desc)
+            return {"activations": result.activations, "pooled": result.pooled}
+
+        arrays = self._cached(part, f"stage {stage} {views}", compute)
+        return StageViews(arrays["activations"], arrays["pooled"])
+
+    def _cached(
+        self, part: PreparedImages, what: str, compute: Callable[[], dict[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        config = self.config
+        settings = [json.dumps(self.model.config, sort_keys=True), str(config.pretrained), what, str(config.seed)]
+        key = fingerprint([*settings, str(config.rotation)] + [r.id for r in part.records])[:16]
+        path = self.folder / f"{what.split()[0]}-{key}.npz"
+        if path.exists():
+            with np.load(path) as saved:
+                return {name: saved[name] for name in saved.files}
+        arrays = compute()
+        write_atomically_with(path, lambda file: np.savez(file, **cast(dict[str, Any], arrays)))
+        return arrays

@@ -1,12 +1,16 @@
 """The losses and scores of training: the classification loss per head (class-balanced, optionally label
-smoothed), the supervised contrastive loss on the embedding beside it, and the accuracy of a batch."""
+smoothed), the supervised contrastive loss on the embedding beside it, for IRMA axes with the code tables the
+expected hierarchical error of the prediction (so mistakes land on near codes), and the accuracy of a batch."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cbmir.irma import AXES, CodeTables, IrmaCode, axis_error
 from cbmir.labels import LabelSchema
 from cbmir.models import ModelOutput
 from cbmir.train.config import TrainConfig
@@ -29,12 +33,39 @@ def supervised_contrastive_loss(features: torch.Tensor, groups: torch.Tensor, te
     return -(summed[usable] / counts[usable]).mean()
 
 
+# A complete code whose other axes stand in while one axis's classes are compared (the error of an axis
+# depends on that axis's values alone).
+_STAND_IN = IrmaCode.parse("1121-120-200-700")
+
+
+def axis_costs(schema: LabelSchema, tables: CodeTables) -> dict[str, np.ndarray]:
+    """Per IRMA axis head, K x K: the ImageCLEF error of predicting class j where class i is true
+    (`cbmir.irma.axis_error`), scaled to 0..1 (1: wrong from the first position)."""
+    costs = {}
+    for axis in AXES:
+        codes = [dataclasses.replace(_STAND_IN, **{axis: value}) for value in schema.heads[axis]]
+        costs[axis] = np.array(
+            [[4 * axis_error(true, guess, axis, tables) for guess in codes] for true in codes], np.float32
+        )
+    return costs
+
+
 class Objective:
     """The loss and the accuracy of a batch for a label schema: `targets` per head and `groups` (one id per
     distinct label set, for the contrastive loss) hold one row per sample of a part."""
 
-    def __init__(self, schema: LabelSchema, targets: dict[str, np.ndarray], groups: np.ndarray, config: TrainConfig):
+    def __init__(
+        self,
+        schema: LabelSchema,
+        targets: dict[str, np.ndarray],
+        groups: np.ndarray,
+        config: TrainConfig,
+        costs: dict[str, np.ndarray] | None = None,
+    ):
+        """`costs` (`axis_costs`) adds `config.hierarchy_weight` times the expected error of each head's
+        softmax to the training loss."""
         self.schema = schema
+        self.costs = {head: torch.from_numpy(matrix) for head, matrix in (costs or {}).items()}
         self.targets = {head: torch.from_numpy(values) for head, values in targets.items()}
         self.groups = torch.from_numpy(groups)
         self.config = config
@@ -65,6 +96,9 @@ class Objective:
             else:
                 smoothing = self.config.label_smoothing if train else 0.0
                 total = total + F.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing)
+            if train and head in self.costs and self.config.hierarchy_weight > 0:
+                expected = (logits.softmax(1) * self.costs[head][target]).sum(1)
+                total = total + self.config.hierarchy_weight * expected.mean()
         if train and self.config.contrastive_weight > 0 and self.schema.task != "multi-label":
             total = total + self.config.contrastive_weight * supervised_contrastive_loss(
                 output.features, self.groups[rows]

@@ -31,8 +31,18 @@ from cbmir.models.inference import default_device
 from cbmir.prepared import PreparedImages, prepare_images
 from cbmir.train.config import TrainConfig, TrainingError
 from cbmir.train.data import check_parts, choose_task, datafingerprint, split_records
-from cbmir.train.loop import FeatureFeed, Feed, ImageFeed, cached_views, run_stage, trunk_feature_views
-from cbmir.train.objective import Objective
+from cbmir.train.loop import (
+    FeatureFeed,
+    Feed,
+    ImageFeed,
+    StageFeed,
+    StageViews,
+    ViewCache,
+    features_from_stage,
+    run_stage,
+    trunk_feature_views,
+)
+from cbmir.train.objective import Objective, axis_costs
 from cbmir.train.state import STATE_FILE, EpochRecord, record_finished_stage, start_state
 
 
@@ -108,16 +118,24 @@ def train(
         tqdm.write(f"skipped: {failure}")
     train_part, val_part = prepared["train"], prepared["validation"]
     group_ids: dict[str, int] = {}
+    costs = axis_costs(schema, tables) if schema.task == "irma-axes" and tables is not None else None
 
     def objective_for(part: PreparedImages) -> Objective:
         labels = [record.labels for record in part.records]
         groups = np.array([group_ids.setdefault("|".join(lab), len(group_ids)) for lab in labels], np.int64)
-        return Objective(schema, schema.targets(labels), groups, config)
+        return Objective(schema, schema.targets(labels), groups, config, costs)
 
     train_objective, val_objective = objective_for(train_part), objective_for(val_part)
     history: list[EpochRecord] = []
     stages = ["heads"] if config.mode in ("heads", "finetune") else []
     stages += ["finetune"] if config.mode == "finetune" else ["full"] if config.mode == "full" else []
+    views = ViewCache(model, config, cache, device)
+    # Fine-tuning a trunk that runs in parts: both stages train on one cache of its frozen early stages.
+    first = model.cached_stage(config.finetune_blocks) if config.mode == "finetune" else None
+    staged = None
+    if first is not None:
+        train_stages = views.stages(train_part, config.views, first, "train")
+        staged = StageFeed(first, train_stages, views.stages(val_part, 1, first, "validation"))
     for stage in stages:
         if stage in saved["finished"]:
             model.load_state_dict(saved["stage_models"][stage])
@@ -126,16 +144,25 @@ def train(
         feed: Feed
         if stage == "heads":
             model.set_trainable(0)
-            feed = FeatureFeed(
-                cached_views(model, train_part, config, cache, device, config.views, "train"),
-                cached_views(model, val_part, config, cache, device, 1, "validation")[0],
-            )
+            if staged is not None:
+                train_views = features_from_stage(model, staged.train, staged.stage)
+                val_views = features_from_stage(model, staged.validation, staged.stage)
+            else:
+                train_views = views.features(train_part, config.views, "train")
+                val_views = views.features(val_part, 1, "validation")
+            feed = FeatureFeed(train_views, val_views[0])
             epochs, lr = config.epochs, config.lr
+        elif stage == "finetune":
+            model.set_trainable(config.finetune_blocks)
+            if staged is not None:
+                feed = staged
+            else:
+                feed = ImageFeed(train_part.images, val_part.images, config.rotation, device)
+            epochs, lr = config.finetune_epochs, config.finetune_lr
         else:
-            model.set_trainable(config.finetune_blocks if stage == "finetune" else -1)
+            model.set_trainable(-1)
             feed = ImageFeed(train_part.images, val_part.images, config.rotation, device)
-            finetune = stage == "finetune"
-            epochs, lr = (config.finetune_epochs, config.finetune_lr) if finetune else (config.epochs, config.lr)
+            epochs, lr = config.epochs, config.lr
         current = saved["current"]
         stage_state = current if current is not None and current["stage"] == stage else None
         result = run_stage(
@@ -154,7 +181,7 @@ def train(
         saved = record_finished_stage(out, saved, stage, model, result.history)
     model.eval()
     if model.kept_trunk_dims:
-        model.fit_kept_trunk(final_trunk_features(model, train_part, config, cache, device))
+        model.fit_kept_trunk(final_trunk_features(model, train_part, views, staged))
 
     checkpoint = Checkpoint(model, new_card(model, schema, pipeline), out)
     if schema.task == "irma-axes":
@@ -187,14 +214,18 @@ def train(
 
 
 def final_trunk_features(
-    model: RadiographNet, part: PreparedImages, config: TrainConfig, cache: Path, device: torch.device
+    model: RadiographNet, part: PreparedImages, views: ViewCache, staged: StageFeed | None
 ) -> np.ndarray:
     """The trunk's pooled features of the part's images as trained (unaugmented): in `heads` mode the cached
-    plain view, the trunk never having changed; else computed now."""
-    if config.mode == "heads":
-        return cached_views(model, part, config, cache, device, config.views, "train")[0]
+    plain view, the trunk never having changed; from the plain view of the `staged` cache of the part where
+    the late stages were fine-tuned on it; else computed now."""
+    if views.config.mode == "heads":
+        return views.features(part, views.config.views, "train")[0]
+    if staged is not None:
+        plain = StageViews(staged.train.activations[:1], staged.train.pooled[:1])
+        return features_from_stage(model, plain, staged.stage)[0]
     with torch.inference_mode():
-        return trunk_feature_views(model, part.images, 1, config, device, "trunk features (trained)")[0]
+        return trunk_feature_views(model, part.images, 1, views.config, views.device, "trunk features (trained)")[0]
 
 
 # Real images the exported graph is checked on against torch.

@@ -373,3 +373,17 @@ def test_lite_input_size_is_an_option_with_the_same_weights():
     assert torch.isfinite(output.features).all()
     with pytest.raises(ModelError, match="input_size 8 does not fit efficientnet-lite0"):
         create_model("efficientnet-lite0", {"label": 3}, input_size=8)
+
+
+@pytest.mark.parametrize("trained_blocks", [1, 4, 7])
+def test_the_regional_trunk_runs_in_two_parts_as_in_one(trained_blocks):
+    model = create_model("efficientnet-lite0-regional", {"label": 2}, pretrained=True, input_size=64).eval()
+    stage = model.cached_stage(trained_blocks)
+    assert stage is not None and stage == 7 - trained_blocks  # stages 0..6 after the stem: the last ones train
+    x = _images(64)
+    with torch.inference_mode():
+        activation, pooled = model.trunk_start(x, stage)
+        torch.testing.assert_close(model.trunk_finish(activation, pooled, stage), model.trunk_features(x))
+    assert pooled.shape[1] == 4 * sum([80, 112, 192, 320][: max(0, stage - 3)])  # pooled stages before it
+    assert model.cached_stage(8) is None  # the stem trains too: nothing frozen to cache
+    assert create_model("resnet18", {"label": 2}).cached_stage(1) is None  # a trunk that runs in one part
