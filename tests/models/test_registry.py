@@ -51,6 +51,7 @@ def test_registry_lists_every_model_with_its_facts():
         "efficientnet-lite0": (224, 1280),
         "efficientnet-lite0-regional": (224, 2816),
         "efficientnet-lite1": (240, 1280),
+        "efficientnet-lite2-regional": (260, 4 * (88 + 120 + 208 + 352)),
     }
     assert sorted(expected) == list_models()
     for name, (size, dim) in expected.items():
