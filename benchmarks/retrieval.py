@@ -62,7 +62,7 @@ from cbmir.irma import AXES, CodeTables, IrmaCode, run_error_score
 from cbmir.prepared import prepare_images
 from cbmir.refine import Feedback, Region
 from cbmir.search import Retrieval
-from cbmir.train import make_config, train
+from cbmir.train import TrainConfig, make_config, train
 from common import frozen_features, run_and_publish, saved_figure
 from indexer.pipeline import index_records
 
@@ -851,7 +851,12 @@ def main() -> None:
     parser.add_argument("--tables", type=Path, help="IRMA code tables folder (A.csv..D.csv), for the error scores")
     parser.add_argument("--gallery", type=Path, help="instead of DATASET: the archive to train on and index whole")
     parser.add_argument("--queries", type=Path, help="with --gallery: the archive whose images are the queries")
-    parser.add_argument("--mode", choices=("heads", "finetune"), default="heads", help="training mode")
+    parser.add_argument(
+        "--mode",
+        choices=("heads", "finetune"),
+        default=TrainConfig().mode,
+        help="training mode (default: the CPU default)",
+    )
     parser.add_argument(
         "--work",
         type=Path,

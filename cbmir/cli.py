@@ -652,8 +652,9 @@ def quickstart(
     ),
     tables: TablesOption = None,
     mode: Annotated[
-        str, typer.Option(help="Training mode: heads (minutes) or finetune (longer, a little better).")
-    ] = "heads",
+        str,
+        typer.Option(help="Training mode: finetune (the default's last trunk stage too) or heads (a little faster)."),
+    ] = "finetune",
     host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     serve: Annotated[bool, typer.Option(help="Start the service at the end.")] = True,

@@ -44,7 +44,7 @@ def prepare(
     tables_folder: Path | None,
     *,
     say: Callable[[str], None] = print,
-    mode: str = "heads",
+    mode: str = "finetune",
     host: str = "127.0.0.1",
     port: int = 8000,
 ) -> ServiceSettings:

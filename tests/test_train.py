@@ -128,7 +128,7 @@ def test_resuming_with_other_settings_is_refused(archive, tmp_path, monkeypatch)
 
 
 def test_heads_mode_trains_on_cached_features_of_the_pretrained_lite0(archive, tmp_path):
-    config = make_config(epochs=3, views=2, embedding_dim=64, batch_size=8)
+    config = make_config(mode="heads", epochs=3, views=2, embedding_dim=64, batch_size=8)
     checkpoint = train(open_dataset(archive), config, tmp_path)
     assert checkpoint.card["architecture"]["name"] == "efficientnet-lite0-regional"
     assert checkpoint.model.neck_dim == 64 and checkpoint.model.embedding_dim == 64 + 128  # the kept trunk
@@ -156,7 +156,14 @@ def test_heads_mode_trains_on_cached_features_of_the_pretrained_lite0(archive, t
 
 def test_finetune_mode_trains_only_the_last_four_stages_of_the_default_trunk(archive, tmp_path):
     config = make_config(
-        mode="finetune", epochs=2, finetune_epochs=1, views=1, embedding_dim=32, batch_size=8, input_size=64
+        mode="finetune",
+        finetune_blocks=4,
+        epochs=2,
+        finetune_epochs=1,
+        views=1,
+        embedding_dim=32,
+        batch_size=8,
+        input_size=64,
     )
     checkpoint = train(open_dataset(archive), config, tmp_path)
     stages = [row["stage"] for row in checkpoint.card["training"]["history"]]

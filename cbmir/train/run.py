@@ -48,7 +48,7 @@ from cbmir.train.state import STATE_FILE, EpochRecord, record_finished_stage, st
 
 def build_model(config: TrainConfig, schema: LabelSchema) -> RadiographNet:
     """The model the config names, with heads for the schema and its trunk's starting weights; a
-    `TrainingError` when the options do not fit the data or `heads` mode has no pretrained trunk."""
+    `TrainingError` when the options do not fit the data or `heads`/`finetune` mode has no pretrained trunk."""
     options = dict(config.model_options)
     if config.input_size is not None:
         options["input_size"] = config.input_size
@@ -69,9 +69,9 @@ def build_model(config: TrainConfig, schema: LabelSchema) -> RadiographNet:
         pretrained = False
     else:
         pretrained = config.pretrained
-    if config.mode == "heads" and not pretrained:
+    if config.mode in ("heads", "finetune") and not pretrained:
         raise TrainingError(
-            f"mode 'heads' trains only the heads on a frozen trunk, which needs pretrained weights: "
+            f"mode {config.mode!r} starts by training the heads on a frozen trunk, which needs pretrained weights: "
             f"{config.model} has none here; use mode 'full' or give pretrained=PATH"
         )
     return create_model(
