@@ -45,7 +45,8 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     # Over 5 folds of irma2007-dev, fine-tuning the last stage (on cached activations, about 10 s more than
     # `heads`) lifted P@10 0.600 -> 0.612, mAP@10 0.728 -> 0.747 and the classifier's full-code accuracy 0.709
-    # -> 0.732, with P@1 even (0.789 -> 0.788); the stages before it cost 8 s (two) to 21 s (four) per epoch.
+    # -> 0.732, with P@1 even (0.789 -> 0.788); an epoch on 500 images costs about 8 s to fine-tune the last
+    # two stages, 20 s the last four (2 cores).
     mode: Mode = "finetune"
     finetune_blocks: int = 1
     optimizer: Optimizer = "adamw"
