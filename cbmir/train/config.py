@@ -40,7 +40,7 @@ class TrainConfig:
     pretrained: str = "packaged"  # packaged (the model's shipped weights, if any), none, or a trunk weights file
     embedding_dim: int | None = 512  # width of the embedding layer (neck); None: the model's default
     # Projections of the trunk's features searched beside the neck's output (RadiographNet.keep_trunk; 0: none):
-    # over 5 folds of irma2007-dev, full-code P@1 0.751 -> 0.789 for 128 more dimensions (BENCHMARKS.md).
+    # over 5 folds of irma2007-dev (heads mode), full-code P@1 0.751 -> 0.789 for 128 more dimensions.
     kept_trunk_dims: int = 128
     model_options: dict[str, Any] = field(default_factory=dict)
     # Over 5 folds of irma2007-dev, fine-tuning the last stage (on cached activations, about 10 s more than
@@ -59,7 +59,7 @@ class TrainConfig:
     finetune_epochs: int = 12
     finetune_lr: float = 3e-4
     patience: int = 8
-    views: int = 4  # cached feature views per training image in `heads` mode: 1 plain + augmented ones
+    views: int = 4  # cached views per training image (heads and finetune modes): 1 plain + augmented ones
     rotation: float = 10.0  # augmentation: largest rotation in degrees (also +-8% scale, +-4% shift, contrast)
     class_balance: ClassBalance = "sqrt"
     contrastive_weight: float = 0.5  # supervised contrastive loss on the embedding, beside classification

@@ -1,4 +1,4 @@
-"""The training loop: feeds that give batches (cached trunk features in `heads` mode, cached activations of
+"""The training loop: feeds that give batches (cached trunk features for the heads stage, cached activations of
 the frozen early stages when fine-tuning a trunk that runs in parts, augmented images otherwise), `run_stage`
 (epochs with validation, early stopping on the validation loss, the stage's state written after every epoch)
 and `evaluate_feed`; and those cached views, written to disk atomically.
@@ -32,7 +32,7 @@ Batch = tuple[torch.Tensor, ...]
 
 
 class FeatureFeed:
-    """`heads` mode: cached trunk features, views x N x D for training (one random view per sample and epoch)
+    """The heads stage: cached trunk features, views x N x D for training (one random view per sample and epoch)
     and N x D for validation; the model runs only its neck and heads."""
 
     def __init__(self, train_views: np.ndarray, validation: np.ndarray):
