@@ -203,7 +203,8 @@ def test_multi_label_training_reports_roc_auc(archive, tmp_path):
 
 def test_the_irma_threshold_is_chosen_on_validation_with_the_code_tables(archive, tmp_path):
     tables = CodeTables.load(shared_path("irma-code-tables"))
-    checkpoint = train(open_dataset(archive), small_cnn(epochs=1), tmp_path, tables=tables)
+    checkpoint = train(open_dataset(archive), small_cnn(epochs=1, hierarchy_weight=0.5), tmp_path, tables=tables)
+    assert checkpoint.card["training"]["config"]["hierarchy_weight"] == 0.5  # the tables weigh the wrong codes
     assert 0.0 <= checkpoint.card["irma_threshold"] < 1.0
     assert "validation images" in checkpoint.card["irma_threshold_note"]
     assert "mean_error_score" in checkpoint.card["metrics"]["test"]
@@ -219,6 +220,7 @@ def test_the_irma_threshold_is_chosen_on_validation_with_the_code_tables(archive
         (lambda: make_config(lr=0), TrainingError, "lr must be positive"),
         (lambda: make_config(split=(0.5, 0.5, 0.5)), TrainingError, "split must be"),
         (lambda: make_config(model="chest-cnn-chowdhury"), TrainingError, "needs pretrained weights"),
+        (lambda: make_config(hierarchy_weight=0.5), TrainingError, "hierarchy_weight needs .* no code tables"),
     ],
 )
 def test_bad_settings_fail_before_training(archive, tmp_path, make, error, message):

@@ -101,6 +101,12 @@ def train(
         raise TrainingError(f"dataset {dataset.name} has no usable records")
     task = choose_task(dataset.records) if config.task == "auto" else config.task
     schema = LabelSchema.from_labels(task, [record.labels for record in dataset.records])
+    if config.hierarchy_weight > 0 and (task != "irma-axes" or tables is None):
+        raise TrainingError(
+            "hierarchy_weight needs IRMA-coded data and the IRMA code tables (--tables or $CBMIR_IRMA_TABLES), "
+            f"to weigh each wrong code by its error score; this run has {task} labels"
+            + ("" if tables is not None else " and no code tables")
+        )
     parts = split_records(dataset, config)
     check_parts(parts, schema)
     model = build_model(config, schema)
@@ -118,7 +124,7 @@ def train(
         tqdm.write(f"skipped: {failure}")
     train_part, val_part = prepared["train"], prepared["validation"]
     group_ids: dict[str, int] = {}
-    costs = axis_costs(schema, tables) if schema.task == "irma-axes" and tables is not None else None
+    costs = axis_costs(schema, tables) if config.hierarchy_weight > 0 and tables is not None else None
 
     def objective_for(part: PreparedImages) -> Objective:
         labels = [record.labels for record in part.records]
