@@ -39,11 +39,9 @@ class FeatureFeed:
         self.train_views, self.validation = torch.from_numpy(train_views), torch.from_numpy(validation)
 
     def train_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
-        order = rng.permutation(self.train_views.shape[1])
-        views = rng.integers(0, self.train_views.shape[0], size=len(order))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            yield (self.train_views[views[start : start + len(rows)], rows],), rows
+        view_count, count = self.train_views.shape[:2]
+        for views, rows in _random_views(rng, view_count, count, batch_size):
+            yield (self.train_views[views, rows],), rows
 
     def validation_batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
         for rows in _row_chunks(len(self.validation), batch_size):
@@ -63,11 +61,9 @@ class StageFeed:
         self.stage, self.train, self.validation = stage, train, validation
 
     def train_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
-        order = rng.permutation(self.train.activations.shape[1])
-        views = rng.integers(0, self.train.activations.shape[0], size=len(order))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            yield self.train.batch(views[start : start + len(rows)], rows), rows
+        view_count, count = self.train.activations.shape[:2]
+        for views, rows in _random_views(rng, view_count, count, batch_size):
+            yield self.train.batch(views, rows), rows
 
     def validation_batches(self, batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
         for rows in _row_chunks(self.validation.activations.shape[1], batch_size):
@@ -101,6 +97,16 @@ class ImageFeed:
 
 
 Feed = FeatureFeed | StageFeed | ImageFeed
+
+
+def _random_views(
+    rng: np.random.Generator, view_count: int, count: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(views, rows) in batches: every sample once in a random order, each with one random cached view."""
+    order = rng.permutation(count)
+    views = rng.integers(0, view_count, size=count)
+    for start in range(0, count, batch_size):
+        yield views[start : start + batch_size], order[start : start + batch_size]
 
 
 def _row_chunks(count: int, batch_size: int) -> Iterator[np.ndarray]:
