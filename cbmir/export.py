@@ -42,6 +42,12 @@ from cbmir.models import RadiographNet
 EMBEDDING_TOLERANCE = 1e-4
 LOGIT_TOLERANCE = 1e-3
 
+# The exporter parses Python source (`ast.parse`). CPython 3.11 keeps the AST constructor's recursion count
+# per interpreter, so another thread parsing at the same moment (3.11's traceback formatting does, for its
+# ^^^ markers) can make it fail spuriously with this SystemError (python/cpython#106905); trying again is safe.
+_AST_RACE = "AST constructor recursion depth mismatch"
+_EXPORT_ATTEMPTS = 3
+
 
 class _GraphModule(nn.Module):
     """What the graph computes: uint8 N x H x W x 3 -> (unit embedding, logits of each head in order)."""
@@ -134,16 +140,22 @@ def _export_bytes(module: _GraphModule, example: torch.Tensor) -> bytes:
     names = [EMBEDDING_OUTPUT, *(head_output(head) for head in module.heads)]
     quiet = io.StringIO()
     try:
-        with contextlib.redirect_stdout(quiet), torch.inference_mode(False), torch.no_grad():
-            program = torch.onnx.export(
-                module,
-                (example,),
-                dynamo=True,
-                dynamic_shapes=({0: batch},),
-                input_names=[INPUT_NAME],
-                output_names=names,
-                verbose=False,
-            )
+        for attempt in range(1, _EXPORT_ATTEMPTS + 1):
+            try:
+                with contextlib.redirect_stdout(quiet), torch.inference_mode(False), torch.no_grad():
+                    program = torch.onnx.export(
+                        module,
+                        (example,),
+                        dynamo=True,
+                        dynamic_shapes=({0: batch},),
+                        input_names=[INPUT_NAME],
+                        output_names=names,
+                        verbose=False,
+                    )
+                break
+            except SystemError as error:
+                if _AST_RACE not in str(error) or attempt == _EXPORT_ATTEMPTS:
+                    raise
     except Exception as error:  # the exporter raises many kinds; each means this model cannot be exported
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise GraphError(f"the model cannot be exported to ONNX ({first[:300]}): use --runtime torch") from None
