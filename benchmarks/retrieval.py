@@ -61,7 +61,7 @@ from cbmir.index import ImageRow
 from cbmir.irma import AXES, CodeTables, IrmaCode, run_error_score
 from cbmir.prepared import prepare_images
 from cbmir.refine import Feedback, Region
-from cbmir.search import Retrieval
+from cbmir.search import BLENDED_NEIGHBOURS, Retrieval
 from cbmir.train import TrainConfig, make_config, train
 from common import frozen_features, run_and_publish, saved_figure
 from indexer.pipeline import index_records
@@ -186,18 +186,22 @@ def single_labelled(dataset) -> list:
 
 def search_engine(gallery: list, queries: list, embedder: Embedder, folder: Path, name: str) -> dict:
     """Index the gallery into a fresh engine, then query it with every query image: the labels of each
-    query's top 10, the model's predicted label per query, and the labels the engine holds."""
+    query's top 10, the model's predicted label per query and the engine's (blended with the top 10's known
+    labels, as a search answers), and the labels the engine holds."""
     with Retrieval.open(folder, embedder) as retrieval:
         engine = retrieval.engine
         indexing = index_records(gallery, retrieval, dataset=name)
         print(indexing.text())
         stored = [row.true_code for row in engine.get(engine.query())]
-        neighbours, predicted = [], []
+        neighbours, predicted, blended = [], [], []
         for chunk in batches(queries, 32):
             embeddings = embedder.embed([load_pixels(record) for record in chunk])
-            neighbours += [[hit.true_code for hit in engine.search(vector, 10)] for vector in embeddings.vectors]
+            for row, vector in enumerate(embeddings.vectors):
+                hits = engine.search(vector, BLENDED_NEIGHBOURS)
+                neighbours.append([hit.true_code for hit in hits])
+                blended.append(retrieval.blended_prediction(embeddings, hits, row).label)
             predicted += [prediction.label for prediction in embeddings.predictions]
-    return {"neighbours": neighbours, "predicted": predicted, "gallery_labels": stored}
+    return {"neighbours": neighbours, "predicted": predicted, "blended": blended, "gallery_labels": stored}
 
 
 def trained(args, dataset, tables: CodeTables | None, work: Path, *, fresh: bool) -> tuple[Checkpoint, float | None]:
@@ -309,14 +313,19 @@ def measure(
                 "kNN-voted (top 5)": mean_error([vote([str(IrmaCode.parse(n)) for n in row[:5]]) for row in neighbours])
             }
         error_scores[ENGINE]["predicted"] = mean_error(engine["predicted"])
+        error_scores[ENGINE]["blended"] = mean_error(engine["blended"])
     same = next(iter(rows.values()))[0]  # the full code (class datasets: the class)
-    right = [predicted == same(label) for predicted, label in zip(engine["predicted"], query_labels, strict=True)]
+
+    def accuracy(labels: list[str]) -> float:
+        return float(np.mean([given == same(label) for given, label in zip(labels, query_labels, strict=True)]))
+
     return {
         "indexed": len(engine["gallery_labels"]),
         "runtime": embedder.runtime_description,
         "results": results,
         "error_scores": error_scores,
-        "classifier_accuracy": float(np.mean(right)),
+        "classifier_accuracy": accuracy(engine["predicted"]),
+        "blended_accuracy": accuracy(engine["blended"]),
     }
 
 
@@ -373,12 +382,13 @@ def markdown(summary: dict) -> str:
                 "1 wrong on every axis). The baselines have no classifier, only their kNN vote."
             ),
             "",
-            "| method | kNN-voted codes (top 5) | model's predicted codes ('*' where it stops) |",
-            "|---|---|---|",
+            "| method | kNN-voted codes (top 5) | model's predicted codes ('*' where it stops) | blended codes |",
+            "|---|---|---|---|",
         ]
         for name, scores in summary["error_scores"].items():
-            predicted = f"{scores['predicted']:.3f}" if "predicted" in scores else "–"
-            lines.append(f"| {name} | {scores['kNN-voted (top 5)']:.3f} | {predicted} |")
+            given = [f"{scores[kind]:.3f}" if kind in scores else "–" for kind in ERROR_KINDS]
+            lines.append(f"| {name} | " + " | ".join(given) + " |")
+        lines += ["", BLENDED_TEXT]
     elif summary["irma"]:
         lines += ["", "No error scores: give the IRMA code tables with --tables."]
     lines += [
@@ -449,7 +459,12 @@ def folds_section(dataset: Path) -> str:
     return f"{FOLDS_NAME}-{dataset.name}"
 
 
-ERROR_KINDS = ("kNN-voted (top 5)", "predicted")
+ERROR_KINDS = ("kNN-voted (top 5)", "predicted", "blended")
+KIND_NAMES = {"predicted": "model", "blended": "blended"}
+BLENDED_TEXT = (
+    f"Blended codes: the model's probabilities blended with the known labels of the query's {BLENDED_NEIGHBOURS} "
+    "nearest gallery images (`cbmir.labels.blend_with_neighbours`), what a search answers."
+)
 
 
 def fold_of(records: list[Record], folds: int, seed: int) -> dict[str, int]:
@@ -552,6 +567,7 @@ def run_folds(args) -> dict:
         "results": results,
         "error_scores": error_scores,
         "classifier_accuracy": spread([done["classifier_accuracy"] for done in per_fold]),
+        "blended_accuracy": spread([done["blended_accuracy"] for done in per_fold]),
         "per_fold": per_fold,
     }
 
@@ -625,10 +641,11 @@ def folds_markdown(summary: dict) -> str:
             lines.append(table_row(row, result["queries"], metric, stats, ideal=result["best_possible"].get(metric)))
     queries = results[first]["queries"]
     lines.append(table_row(first, queries, "classifier accuracy", {ENGINE: summary["classifier_accuracy"]}))
+    lines.append(table_row(first, queries, "accuracy, blended", {ENGINE: summary["blended_accuracy"]}))
     for kind in ERROR_KINDS:
         stats = {method: scores[kind] for method, scores in summary["error_scores"].items() if kind in scores}
         if stats:
-            figure = f"error score, {'model' if kind == 'predicted' else kind} codes (lower is better)"
+            figure = f"error score, {KIND_NAMES.get(kind, kind)} codes (lower is better)"
             lines.append(table_row(first, queries, figure, stats, lower_better=True))
     if summary["irma"] and not summary["error_scores"]:
         lines += ["", "No error scores: give the IRMA code tables with --tables."]
@@ -644,10 +661,11 @@ def folds_markdown(summary: dict) -> str:
     lines += [
         "",
         "Classifier accuracy: the share of queries whose code (class) the model predicts exactly, '*' counting as "
-        "wrong."
+        f"wrong; blended, the same for the code a search answers. {BLENDED_TEXT}"
         + (
             " Error scores: the mean ImageCLEF error score of the codes given to the queries (0 right, 1 wrong on "
-            "every axis), the model's predicted codes ('*' where it stops) and each method's kNN vote."
+            "every axis): the model's predicted codes ('*' where it stops), the blended ones and each method's "
+            "kNN vote."
             if summary["error_scores"]
             else ""
         ),

@@ -611,7 +611,8 @@ def search(
     with Retrieval.open(_existing_index(db), embedder, vectors=_vectors(vectors)) as retrieval:
         result = retrieval.search_image(pixels, k, filters)
     prediction, hits = result.prediction, result.hits
-    typer.echo(f"predicted: {prediction.label} (confidence {prediction.confidence:.3f})")
+    blended = f", with the known labels of {prediction.neighbours} similar images" if prediction.neighbours else ""
+    typer.echo(f"predicted: {prediction.label} (confidence {prediction.confidence:.3f}{blended})")
     if prediction.axes:
         for axis, axis_prediction in prediction.axes.items():
             typer.echo(f"  {axis:<12} {axis_prediction.code:<5} {axis_prediction.confidence:.3f}")

@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from cbmir.errors import CbmirError
-from cbmir.irma import AXES, IrmaCode
+from cbmir.irma import AXES, IrmaCode, IrmaCodeError
 
 Task = Literal["single-label", "multi-label", "irma-axes"]
 TASKS: tuple[Task, ...] = get_args(Task)
@@ -170,12 +170,65 @@ def _descend(row: np.ndarray, classes: Sequence[str], threshold: float) -> AxisP
 @dataclass(frozen=True)
 class Prediction:
     """What the model says about one image: the label (class name, IRMA code, or for multi-label the
-    findings above 0.5 joined by '|'), its confidence, the top classes per head, and per-axis IRMA predictions."""
+    findings above 0.5 joined by '|'), its confidence, the top classes per head, and per-axis IRMA predictions.
+    `neighbours`: how many known labels of similar indexed images were blended in (`blend_with_neighbours`);
+    0 for the model's own prediction."""
 
     label: str
     confidence: float
     top: dict[str, list[tuple[str, float]]]
     axes: dict[str, AxisPrediction] | None = None
+    neighbours: int = 0
+
+
+# Blending a prediction with the known labels of the nearest indexed images: half the model's probabilities,
+# half the neighbours' votes weighted by exp(similarity / 0.05). Over 5 folds of irma2007-dev (the finetune
+# default, the 10 nearest gallery images, each model's own '*' threshold) full-code accuracy 0.736 -> 0.758 and
+# the error score 0.055 -> 0.050; on kermany-600x2 accuracy 0.972 -> 0.973. (Chosen from weights 0.25 / 0.5 /
+# 0.75, temperatures 0.05 and none, 5 / 10 / 20 neighbours, on those folds.)
+NEIGHBOUR_WEIGHT = 0.5
+NEIGHBOUR_TEMPERATURE = 0.05
+
+
+def blend_with_neighbours(
+    schema: LabelSchema, probabilities: Mapping[str, np.ndarray], neighbours: Sequence[tuple[str, float]]
+) -> tuple[dict[str, np.ndarray], int]:
+    """One image's probabilities (a vector per head) blended with the votes of `neighbours`, each the known
+    label of a similar image (its IRMA code or class) and its similarity: per head, (1 - NEIGHBOUR_WEIGHT) x
+    the model's probabilities + NEIGHBOUR_WEIGHT x each class's share of the neighbours' weights
+    exp(similarity / NEIGHBOUR_TEMPERATURE). A neighbour whose label a head does not know (not an IRMA code,
+    or a code or class the model was never trained on) does not vote on that head, and a head without votes
+    keeps the model's probabilities; multi-label findings are never blended. Returns the probabilities and
+    how many neighbours voted on at least one head."""
+    blended = {head: np.asarray(values, np.float64) for head, values in probabilities.items()}
+    if schema.task == "multi-label" or not neighbours:
+        return blended, 0
+    top = max(similarity for _, similarity in neighbours)
+    weights = [float(np.exp((similarity - top) / NEIGHBOUR_TEMPERATURE)) for _, similarity in neighbours]
+    voters: set[int] = set()
+    for head, classes in schema.heads.items():
+        index = {name: position for position, name in enumerate(classes)}
+        votes = np.zeros(len(classes))
+        for n, ((label, _), weight) in enumerate(zip(neighbours, weights, strict=True)):
+            position = index.get(_head_class(schema, head, label) or "")
+            if position is not None:
+                votes[position] += weight
+                voters.add(n)
+        if votes.sum() > 0:
+            blended[head] = (1 - NEIGHBOUR_WEIGHT) * blended[head] + NEIGHBOUR_WEIGHT * votes / votes.sum()
+    return blended, len(voters)
+
+
+def _head_class(schema: LabelSchema, head: str, label: str) -> str | None:
+    """What a known label says about one head: its axis code (IRMA axes; None if the label is not an IRMA code
+    or the axis is not known to the end), else the label itself."""
+    if schema.task != "irma-axes":
+        return label
+    try:
+        axis_code = IrmaCode.parse(label)[head]
+    except IrmaCodeError:
+        return None
+    return None if "*" in axis_code else axis_code
 
 
 def probabilities_from_logits(schema: LabelSchema, logits: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

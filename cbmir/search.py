@@ -7,8 +7,12 @@ callers' business; the model runs in `cbmir.embed`, the vectors live in `cbmir.i
 
 A search may be refined by example (`cbmir.refine.Feedback`): the query vector becomes the Rocchio vector of
 it and the marked images' stored embeddings, the filters are kept, and the marked images are left out of
-the k results (the engine is asked for k more) unless the feedback includes them. The prediction stays the
-query image's own.
+the k results (the engine is asked for k more) unless the feedback includes them.
+
+A search's prediction is the model's, blended with the known labels (true codes, classes) of the query's
+`BLENDED_NEIGHBOURS` nearest indexed images, whatever the search's filters and feedback: the images the
+model is most alike with vote beside it (`cbmir.labels.blend_with_neighbours`). Stored predictions stay the
+model's own, so that an index does not depend on the order its images were added in.
 """
 
 from __future__ import annotations
@@ -16,19 +20,23 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cbmir.index import MAX_K, Engine, Filters, Hit, ImageEntry, IndexMismatchError, IndexPolicy, UnknownImageError
 from cbmir.index.engine import check_k
-from cbmir.labels import Prediction
+from cbmir.labels import Prediction, blend_with_neighbours, decode_predictions
 from cbmir.locations import Location
 from cbmir.refine import Feedback, RefinementError
 
 if TYPE_CHECKING:  # the model's module (and torch) is the caller's to load: the indexer's readers never do
     from cbmir.embed import Embedder, Embeddings
+
+
+# How many of a query's nearest indexed images lend their known labels to its prediction.
+BLENDED_NEIGHBOURS = 10
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,25 @@ class Retrieval:
         `feedback` when given."""
         check_k(k)
         embeddings = self.embedder.embed_inputs([model_input])
-        return SearchResult(embeddings.predictions[0], self.search_vector(embeddings.vectors[0], k, filters, feedback))
+        vector = embeddings.vectors[0]
+        hits = self.search_vector(vector, k, filters, feedback)
+        plain = (filters is None or filters.is_empty) and (feedback is None or not feedback.marked)
+        nearest = hits if plain and k >= BLENDED_NEIGHBOURS else self.engine.search(vector, BLENDED_NEIGHBOURS)
+        return SearchResult(self.blended_prediction(embeddings, nearest[:BLENDED_NEIGHBOURS]), hits)
+
+    def blended_prediction(self, embeddings: Embeddings, nearest: Sequence[Hit], row: int = 0) -> Prediction:
+        """The prediction for image `row` of `embeddings`, blended with the known labels of `nearest` (its
+        nearest indexed images, unfiltered) by `cbmir.labels.blend_with_neighbours`; the model's own when none
+        of them has a known label the model can use."""
+        schema = self.embedder.schema
+        probabilities = {head: values[row] for head, values in embeddings.probabilities.items()}
+        known = [(hit.true_code, hit.score) for hit in nearest if hit.true_code]
+        blended, voters = blend_with_neighbours(schema, probabilities, known)
+        if not voters:
+            return embeddings.predictions[row]
+        rows = {head: values[None, :] for head, values in blended.items()}
+        [prediction] = decode_predictions(schema, rows, irma_threshold=self.embedder.irma_threshold)
+        return replace(prediction, neighbours=voters)
 
     def search_vector(
         self, vector: np.ndarray, k: int = 10, filters: Filters | None = None, feedback: Feedback | None = None

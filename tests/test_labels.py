@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 
 from cbmir.labels import (
+    NEIGHBOUR_TEMPERATURE,
+    NEIGHBOUR_WEIGHT,
     LabelError,
     LabelSchema,
+    blend_with_neighbours,
     decode_predictions,
     predict_irma_axes,
     probabilities_from_logits,
@@ -88,3 +91,41 @@ def test_decode_predictions_per_task():
     probabilities = probabilities_from_logits(multi, {"label": np.array([[2.0, -3.0], [-2.0, -2.0]])})
     first, second = decode_predictions(multi, probabilities)
     assert first.label == "Effusion" and second.label == ""
+
+
+def test_blending_adds_the_neighbours_similarity_weighted_votes_per_axis():
+    schema = LabelSchema.from_labels("irma-axes", CODES)
+    model = {"technical": [0.9, 0.1], "directional": [0.5, 0.5], "anatomical": [0.2, 0.8], "biological": [1.0, 0.0]}
+    neighbours = [("1123-127-500-000", 0.90), ("1121-110-500-000", 0.85), ("1121-127-700-500", 0.60)]
+    blended, voters = blend_with_neighbours(schema, {h: np.array(p) for h, p in model.items()}, neighbours)
+    assert voters == 3 and NEIGHBOUR_WEIGHT == 0.5 and NEIGHBOUR_TEMPERATURE == 0.05
+    w = np.exp(np.array([0.90, 0.85, 0.60]) / 0.05)
+    w /= w.sum()  # e^0 : e^-1 : e^-6 of the best
+    assert blended["technical"] == pytest.approx([0.45 + 0.5 * (w[1] + w[2]), 0.05 + 0.5 * w[0]])
+    assert blended["directional"] == pytest.approx([0.25 + 0.5 * w[1], 0.25 + 0.5 * (w[0] + w[2])])
+    assert blended["anatomical"] == pytest.approx([0.1 + 0.5 * (w[0] + w[1]), 0.4 + 0.5 * w[2]])
+    assert blended["biological"] == pytest.approx([0.5 + 0.5 * (w[0] + w[1]), 0.5 * w[2]])
+    for values in blended.values():
+        assert values.sum() == pytest.approx(1.0)
+
+
+def test_neighbours_vote_only_on_what_the_model_knows():
+    schema = LabelSchema.from_labels("irma-axes", CODES)
+    model = {head: np.full(len(classes), 1 / len(classes)) for head, classes in schema.heads.items()}
+    # a code whose technical axis the model never saw, a code with '*' on the anatomical axis, a class name
+    neighbours = [("1999-127-800-000", 0.9), ("1121-110-5**-500", 0.9), ("pneumonia", 0.95)]
+    blended, voters = blend_with_neighbours(schema, model, neighbours)
+    assert voters == 2  # the class name votes on no axis
+    assert blended["technical"] == pytest.approx([0.75, 0.25])  # only the second code votes: 1121
+    assert blended["anatomical"] == pytest.approx([0.5, 0.5])  # 800 unknown, 5** not known to the end: no vote
+    assert blended["directional"] == pytest.approx([0.5, 0.5])  # 127 and 110, equally similar
+    assert blend_with_neighbours(schema, model, [])[1] == 0
+
+
+def test_class_labels_blend_and_findings_never_do():
+    schema = LabelSchema("single-label", {"label": ("normal", "pneumonia")})
+    blended, voters = blend_with_neighbours(schema, {"label": np.array([0.8, 0.2])}, [("pneumonia", 0.7)])
+    assert voters == 1 and blended["label"] == pytest.approx([0.4, 0.6])
+    findings = LabelSchema("multi-label", {"label": ("effusion", "mass")})
+    untouched, voters = blend_with_neighbours(findings, {"label": np.array([0.8, 0.2])}, [("mass", 0.9)])
+    assert voters == 0 and untouched["label"] == pytest.approx([0.8, 0.2])

@@ -196,6 +196,10 @@ class PredictionOut(BaseModel):
     axes: list[AxisOut]
     top: dict[str, list[ClassScore]]
     words: str | None
+    neighbours: int = Field(
+        description="how many of the query's nearest indexed images lent their known code (class) to the "
+        "prediction, beside the model; 0: the model's own prediction"
+    )
 
 
 class ImageOut(BaseModel):

@@ -67,6 +67,7 @@ def prediction(catalog: Catalog, predicted: Prediction) -> PredictionOut:
         kind="irma" if predicted.axes else "classes",
         axes=axes,
         words=catalog.words(predicted.label),
+        neighbours=predicted.neighbours,
         top={
             head: [ClassScore(label=label, probability=p) for label, p in scores]
             for head, scores in predicted.top.items()

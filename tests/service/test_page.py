@@ -125,6 +125,8 @@ def test_search_by_upload_filter_and_click_through(page, service):
     assert page.locator("#query-image").evaluate("img => img.naturalWidth") > 0  # the local preview
     IrmaCode.parse(page.locator("#prediction .code .label").inner_text())
     assert page.locator("#prediction table.axes tr").count() == 4
+    # the archive's phantoms are coded, so the nearest ones lend their codes to the prediction
+    assert page.locator("#prediction .blended").inner_text() == "with the known codes of 10 similar indexed images"
     before = neighbours(page)
     assert len(before) == 10
     assert all(len(score) == 5 for score in page.locator("#neighbours .score").all_inner_texts())  # 0.123

@@ -14,6 +14,8 @@ from cbmir.cli import app as cli
 from cbmir.embed import Embedder
 from cbmir.index import Filters
 from cbmir.index.store import Store
+from cbmir.labels import blend_with_neighbours, decode_predictions
+from cbmir.search import BLENDED_NEIGHBOURS
 from tests.conftest import read_grey
 from tests.service.test_api import phantom, png_bytes, search_bytes
 
@@ -32,6 +34,15 @@ def stored(service):
     try:
         ids = store.query(Filters())
         return ids, store.embeddings(ids.tolist())
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def true_codes(service, stored) -> dict[int, str | None]:
+    store = Store(service.settings.db / "store.sqlite")
+    try:
+        return {row.id: row.true_code for row in store.get(stored[0])}
     finally:
         store.close()
 
@@ -60,9 +71,16 @@ def check_scores(neighbours: list[dict], stored, vector: np.ndarray) -> None:
         assert hit["score"] == pytest.approx(float(vectors[position[hit["id"]]] @ unit), abs=1e-4)
 
 
-def embed(embedder: Embedder, pixels: np.ndarray) -> tuple[np.ndarray, str]:
+def embed(embedder: Embedder, pixels: np.ndarray, stored, true_codes: dict[int, str | None]) -> tuple[np.ndarray, str]:
+    """The query's vector, and the code a search answers for it: the model's probabilities blended with the
+    true codes of its brute-force nearest stored images."""
     embeddings = embedder.embed_inputs([embedder.prepare(pixels)])
-    return embeddings.vectors[0], embeddings.predictions[0].label
+    nearest = brute_force(stored, embeddings.vectors[0], k=BLENDED_NEIGHBOURS)
+    known = [(code, score) for i, score in nearest.items() if (code := true_codes[i])]
+    blended, _ = blend_with_neighbours(embedder.schema, {h: p[0] for h, p in embeddings.probabilities.items()}, known)
+    rows = {head: values[None, :] for head, values in blended.items()}
+    [prediction] = decode_predictions(embedder.schema, rows, irma_threshold=embedder.irma_threshold)
+    return embeddings.vectors[0], prediction.label
 
 
 def pasted(service, number: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -76,7 +94,7 @@ def pasted(service, number: int) -> tuple[np.ndarray, np.ndarray, str]:
     return original, canvas, f"{x},{y},{width},{height}"
 
 
-def test_a_region_search_finds_the_pasted_original_first(service, embedder, stored):
+def test_a_region_search_finds_the_pasted_original_first(service, embedder, stored, true_codes):
     original, canvas, region = pasted(service, 4)
     with service.client() as client:
         whole = search_bytes(client, "canvas.png", png_bytes(canvas), k=str(K))
@@ -96,7 +114,7 @@ def test_a_region_search_finds_the_pasted_original_first(service, embedder, stor
     }
     assert body["neighbours"][0]["name"] == phantom(service, 4).name
     assert body["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-    vector, label = embed(embedder, canvas[y : y + height, x : x + width])
+    vector, label = embed(embedder, canvas[y : y + height, x : x + width], stored, true_codes)
     check_equal(body["neighbours"], brute_force(stored, vector))
     check_scores(body["neighbours"], stored, vector)
     assert body["prediction"]["label"] == label  # the crop's prediction
@@ -106,7 +124,7 @@ def test_a_region_search_finds_the_pasted_original_first(service, embedder, stor
     )
 
 
-def test_a_region_of_an_indexed_image_is_read_again_and_embedded(service, embedder, stored):
+def test_a_region_of_an_indexed_image_is_read_again_and_embedded(service, embedder, stored, true_codes):
     with service.client() as client:
         name = client.get("/v1/images/8").json()["name"]
         original = read_grey(service.archive / "images" / name)
@@ -116,7 +134,7 @@ def test_a_region_of_an_indexed_image_is_read_again_and_embedded(service, embedd
     body = answer.json()
     assert body["query"]["region"] == {"x": 10, "y": 20, "width": 90, "height": 120}
     assert (body["query"]["id"], body["query"]["width"]) == (8, original.shape[1])
-    vector, label = embed(embedder, original[20:140, 10:100])
+    vector, label = embed(embedder, original[20:140, 10:100], stored, true_codes)
     check_equal(body["neighbours"], brute_force(stored, vector))
     check_scores(body["neighbours"], stored, vector)
     assert body["prediction"]["label"] == label
@@ -162,7 +180,7 @@ def rocchio(query: np.ndarray, positives: np.ndarray, negatives: np.ndarray) -> 
     return vector / np.linalg.norm(vector)
 
 
-def test_refining_by_example_equals_a_brute_force_search_with_the_rocchio_vector(service, embedder, stored):
+def test_refining_by_example_equals_a_brute_force_search_with_the_rocchio_vector(service, embedder, stored, true_codes):
     ids, vectors = stored
     position = {int(i): n for n, i in enumerate(ids)}
     with service.client() as client:
@@ -182,14 +200,14 @@ def test_refining_by_example_equals_a_brute_force_search_with_the_rocchio_vector
     check_scores(body["neighbours"], stored, vector)
     check_equal(included["neighbours"], brute_force(stored, vector))
     assert set(positive) <= {hit["id"] for hit in included["neighbours"]}  # the positives are the nearest
-    query, label = embed(embedder, read_grey(phantom(service, 2)))
+    query, label = embed(embedder, read_grey(phantom(service, 2)), stored, true_codes)
     upload_vector = rocchio(query, vectors[[position[i] for i in positive]], vectors[[position[negative[0]]]])
     check_equal(uploaded.json()["neighbours"], brute_force(stored, upload_vector, leave_out=marked))
     check_scores(uploaded.json()["neighbours"], stored, upload_vector)
     assert uploaded.json()["prediction"]["label"] == label  # the query image's, not the refined vector's
 
 
-def test_a_region_and_marks_together_keep_the_filters(service, embedder, stored):
+def test_a_region_and_marks_together_keep_the_filters(service, embedder, stored, true_codes):
     original, canvas, region = pasted(service, 9)
     x, y, width, height = map(int, region.split(","))
     ids, vectors = stored
@@ -201,7 +219,9 @@ def test_a_region_and_marks_together_keep_the_filters(service, embedder, stored)
         codes = {image: client.get(f"/v1/images/{image}").json()["code"] for image in ids.tolist()}
     passing = {image for image, code in codes.items() if code.split("-")[2].startswith("5")}
     vector = rocchio(
-        embed(embedder, canvas[y : y + height, x : x + width])[0], vectors[[position[1]]], np.zeros((0, 1))
+        embed(embedder, canvas[y : y + height, x : x + width], stored, true_codes)[0],
+        vectors[[position[1]]],
+        np.zeros((0, 1)),
     )
     leave_out = set(ids.tolist()) - passing | {1}
     check_equal(answer["neighbours"], brute_force(stored, vector, k=50, leave_out=leave_out))

@@ -274,6 +274,10 @@ function renderPrediction(prediction) {
   code.append(element("span", "label", prediction.label), element("span", "confidence", percent(prediction.confidence)));
   box.append(code);
   if (prediction.words) box.append(element("p", "words", prediction.words));
+  if (prediction.neighbours) {
+    const plural = prediction.neighbours === 1 ? "image" : "images";
+    box.append(element("p", "blended", `with the known codes of ${prediction.neighbours} similar indexed ${plural}`));
+  }
   const rows = irma
     ? prediction.axes.map((axis) => [axis.axis, axis.code, axis.text, axis.confidence])
     : Object.entries(prediction.top).flatMap(([head, scores]) =>
