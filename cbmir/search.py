@@ -10,9 +10,10 @@ it and the marked images' stored embeddings, the filters are kept, and the marke
 the k results (the engine is asked for k more) unless the feedback includes them.
 
 A search's prediction is the model's, blended with the known labels (true codes, classes) of the query's
-`BLENDED_NEIGHBOURS` nearest indexed images, whatever the search's filters and feedback: the images the
-model is most alike with vote beside it (`cbmir.labels.blend_with_neighbours`). Stored predictions stay the
-model's own, so that an index does not depend on the order its images were added in.
+`BLENDED_NEIGHBOURS` nearest indexed images, whatever the search's filters and feedback: the nearest images
+vote beside the model (`cbmir.labels.blend_with_neighbours`). An indexed image searched again meets itself
+first, its own known code weighing most. Stored predictions stay the model's own, so that an index
+does not depend on the order its images were added in.
 """
 
 from __future__ import annotations
