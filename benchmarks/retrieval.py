@@ -81,6 +81,14 @@ GOALS_TEXT = (
     "P@10 ≥ 0.80"
 )
 View = Callable[[str], str]  # what 'the same' means: the part of a label two images must share
+# The codes given to the queries whose error scores are reported: each method's kNN vote, the model's own
+# predictions and the blended ones a search answers.
+ERROR_KINDS = ("kNN-voted (top 5)", "predicted", "blended")
+KIND_NAMES = {"predicted": "model", "blended": "blended"}
+BLENDED_TEXT = (
+    f"Blended codes: the model's probabilities blended with the known labels of the query's {BLENDED_NEIGHBOURS} "
+    "nearest gallery images (`cbmir.labels.blend_with_neighbours`), what a search answers."
+)
 
 
 def axis_view(axis: str) -> View:
@@ -457,14 +465,6 @@ FOLDS_NAME = "retrieval-folds"
 def folds_section(dataset: Path) -> str:
     """The BENCHMARKS.md section (and results file names) of a folds run: one per dataset folder."""
     return f"{FOLDS_NAME}-{dataset.name}"
-
-
-ERROR_KINDS = ("kNN-voted (top 5)", "predicted", "blended")
-KIND_NAMES = {"predicted": "model", "blended": "blended"}
-BLENDED_TEXT = (
-    f"Blended codes: the model's probabilities blended with the known labels of the query's {BLENDED_NEIGHBOURS} "
-    "nearest gallery images (`cbmir.labels.blend_with_neighbours`), what a search answers."
-)
 
 
 def fold_of(records: list[Record], folds: int, seed: int) -> dict[str, int]:
