@@ -20,7 +20,6 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +27,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cbmir.access import AuditTrail, AuditWriteError, Event, Role, User, UserDirectory
 from cbmir.service.errors import error_response
@@ -118,7 +118,8 @@ class FailedLogins:
 
 
 class Gate:
-    """The middleware that authorises and audits every /v1 request (see the module's docstring)."""
+    """Authorises and audits every /v1 request (see the module's docstring); `GateMiddleware` puts it before
+    the routes."""
 
     def __init__(self, routes: list[APIRoute], settings: ServiceSettings, users: UserDirectory, trail: AuditTrail):
         self.routes, self.settings, self.users, self.trail = routes, settings, users, trail
@@ -146,47 +147,68 @@ class Gate:
                 return f"{request.method} {route.path}"
         return None
 
-    async def __call__(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if not request.url.path.startswith("/v1") or request.method == "OPTIONS":
-            return await call_next(request)  # not the API; or a CORS preflight, which carries no credentials
+    async def serve(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer an HTTP request through `app`, the /v1 ones once authorised and with their audit record."""
+        if not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
+            await app(scope, receive, send)  # not the API; or a CORS preflight, which carries no credentials
+            return
+        request = Request(scope)
         client = request.client.host if request.client else "-"
         wait = self.failed_logins.wait(client)
         if wait > 0:
             message = f"too many wrong tokens from {client}: try again in {wait:.0f} s"
-            return error_response(429, message, {"Retry-After": str(int(wait) + 1)})
+            await error_response(429, message, {"Retry-After": str(int(wait) + 1)})(scope, receive, send)
+            return
         route = self.route(request)
         named = route or f"{request.method} {request.url.path}"
         event = Event(user="-", role="-", route=named, client=client, status=0)
         user = await run_in_threadpool(self.caller, request.headers.get("authorization", ""))
+        refusal = None
         if user is None:
             self.failed_logins.failed(client)
             refusal = error_response(
                 401, "a valid token is needed: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"}
             )
-            return await self._audited(refusal, event, AuditNote())
-        event = Event(user=user.name, role=user.role.value, route=event.route, client=client, status=0)
-        needed = ROUTE_ROLES.get(route) if route else None
-        if route is not None and (needed is None or not user.role.allows(needed)):
-            role = needed.value if needed else "an undeclared"
-            refusal = error_response(403, f"{route} needs the {role} role; {user.name} is {user.role.value}")
-            return await self._audited(refusal, event, AuditNote())
+        else:
+            event = Event(user=user.name, role=user.role.value, route=event.route, client=client, status=0)
+            needed = ROUTE_ROLES.get(route) if route else None
+            if route is not None and (needed is None or not user.role.allows(needed)):
+                role = needed.value if needed else "an undeclared"
+                refusal = error_response(403, f"{route} needs the {role} role; {user.name} is {user.role.value}")
+        if refusal is not None:
+            answer = await self._audited(event, refusal.status_code, AuditNote())
+            await (answer or refusal)(scope, receive, send)
+            return
         request.state.user = user
         note = audit_note(request)
-        try:
-            response = await call_next(request)
-        except BaseException:
-            await self._audited(error_response(500, "internal error"), event, note)
-            raise
-        return await self._audited(response, event, note)
+        started = replaced = False
 
-    async def _audited(self, response: Response, event: Event, note: AuditNote) -> Response:
-        """`response` once its audit record is written; a 503 when it cannot be."""
+        async def audited_send(message: Message) -> None:
+            nonlocal started, replaced
+            if message["type"] == "http.response.start":
+                started = True
+                replacement = await self._audited(event, message["status"], note)
+                if replacement is not None:
+                    replaced = True
+                    await replacement(scope, receive, send)
+            if not replaced:
+                await send(message)
+
+        try:
+            await app(scope, receive, audited_send)
+        except BaseException:
+            if not started:
+                await self._audited(event, 500, note)
+            raise
+
+    async def _audited(self, event: Event, status: int, note: AuditNote) -> Response | None:
+        """Writes the audit record of an answer with `status`; None once written, else the 503 to answer instead."""
         done = Event(
             user=event.user,
             role=event.role,
             route=event.route,
             client=event.client,
-            status=response.status_code,
+            status=status,
             images=note.images,
             count=note.count,
             detail=note.detail,
@@ -194,11 +216,24 @@ class Gate:
         try:
             await run_in_threadpool(self.trail.append, done)
         except AuditWriteError as error:
-            changed = event.route in CHANGING_ROUTES and response.status_code < 400
+            changed = event.route in CHANGING_ROUTES and status < 400
             change = f" after {done.route} by {done.user} changed images {done.images}" if changed else ""
             log.error("%s%s", error, change)
             message = "the audit trail cannot be written, so nothing is answered"
             if changed:
                 message += "; the change itself was made"
             return error_response(503, f"{message} (the server log has the details)")
-        return response
+        return None
+
+
+class GateMiddleware:
+    """`Gate` as the app's ASGI middleware (the gate itself lives on as `app.state.gate`, for the routes)."""
+
+    def __init__(self, app: ASGIApp, gate: Gate):
+        self.app, self.gate = app, gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.gate.serve(self.app, scope, receive, send)

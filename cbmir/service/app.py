@@ -11,11 +11,11 @@ place (`cbmir.service.errors`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import swagger_ui_bundle
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
@@ -26,11 +26,11 @@ from cbmir.index.engine import store_location
 from cbmir.index.store import Store
 from cbmir.irma import CodeTables
 from cbmir.search import Retrieval
-from cbmir.service.access import Gate
-from cbmir.service.body_timeout import BodyTimeout
+from cbmir.service.access import Gate, GateMiddleware
 from cbmir.service.catalog import Catalog
-from cbmir.service.errors import error_response, install_error_handlers
+from cbmir.service.errors import install_error_handlers
 from cbmir.service.explanations import Explanations
+from cbmir.service.middleware import BodyTimeout, SecurityHeaders, UploadLimits
 from cbmir.service.routes import account, codes, explain, images, search, system
 from cbmir.service.routes import annotations as annotation_routes  # `annotations` is the __future__ feature
 from cbmir.service.settings import ServiceSettings
@@ -104,28 +104,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             allow_headers=["Authorization"],
         )
 
-    @app.middleware("http")
-    async def limits(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if request.method in ("POST", "PUT", "PATCH"):
-            length = request.headers.get("content-length")
-            if length is None:
-                return error_response(411, "the request must give its Content-Length")
-            if not length.isdigit() or int(length) > settings.max_upload_bytes:
-                return error_response(
-                    413, f"the request body ({length} bytes) is above the limit of {settings.max_upload_bytes:,} bytes"
-                )
-        return await call_next(request)
-
-    app.middleware("http")(gate)  # outside the limits: who asks is known (and audited) first
-
-    @app.middleware("http")
-    async def headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
-
-    app.add_middleware(BodyTimeout, seconds=settings.body_timeout_seconds)  # added last: outermost
+    # Each middleware added wraps those added before it: a request meets the body timeout, the security
+    # headers, the gate (who asks is known, and audited, before a limit refuses them), then the upload limits.
+    app.add_middleware(UploadLimits, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(GateMiddleware, gate=gate)
+    app.add_middleware(SecurityHeaders, headers=SECURITY_HEADERS)
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout_seconds)
     install_error_handlers(app)
     for router in routers:
         app.include_router(router)

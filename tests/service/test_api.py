@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 from cbmir.cli import app as cli
 from cbmir.irma import IrmaCode
 from cbmir.service import ServiceConfigError, ServiceSettings
+from cbmir.service.app import SECURITY_HEADERS
+from cbmir.service.routes.system import DOCS_POLICY, STATIC
 from tests.conftest import read_grey, shared_path
 from tests.service.conftest import TOKEN, VIEWER, dicom_file
 
@@ -120,6 +122,22 @@ def test_health_and_page_need_no_token(service):
         page = client.get("/")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_page_and_its_files_arrive_whole_and_every_answer_has_the_security_headers(service):
+    """Byte for byte as on disk (the middlewares pass bodies through); the headers on pages, files, API
+    answers and refusals alike, where the answer does not set its own (the API docs' looser policy)."""
+    with service.client(None) as client, service.client() as reader:
+        answers = {name: client.get(url) for name, url in {"index.html": "/", "app.js": "/static/app.js"}.items()}
+        for name, answer in answers.items():
+            assert answer.content == (STATIC / name).read_bytes()
+            assert answer.headers["content-length"] == str(len(answer.content))
+        answers |= {"refused": client.get("/v1/stats"), "stats": reader.get("/v1/stats"), "docs": client.get("/docs")}
+        assert [answers[name].status_code for name in ("refused", "stats", "docs")] == [401, 200, 200]
+        for name, answer in answers.items():
+            present = {header: answer.headers.get(header) for header in SECURITY_HEADERS}
+            expected = SECURITY_HEADERS | ({"Content-Security-Policy": DOCS_POLICY} if name == "docs" else {})
+            assert present == expected, name
 
 
 def test_without_a_token_the_server_refuses_to_leave_loopback(tmp_path, index_parts):

@@ -13,6 +13,10 @@ from cbmir.service.dependencies import CatalogDep, GateDep
 
 router = APIRouter()
 STATIC = Path(__file__).resolve().parents[1] / "static"
+# Swagger UI starts itself with an inline script; its page shows no images, only the API's shape.
+DOCS_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
+)
 
 
 @router.get("/health", summary="Liveness (no token needed)")
@@ -44,8 +48,5 @@ def docs() -> Response:
         swagger_css_url="/docs-assets/swagger-ui.css",
         swagger_favicon_url="/docs-assets/favicon-32x32.png",
     )
-    # Swagger UI starts itself with an inline script; this page shows no images, only the API's shape.
-    page.headers["Content-Security-Policy"] = (
-        "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
-    )
+    page.headers["Content-Security-Policy"] = DOCS_POLICY
     return page
