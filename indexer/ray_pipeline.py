@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -72,6 +73,7 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 # The longest wait for a cluster's address to answer before the run is refused.
 CONNECT_SECONDS = 5.0
 DEFAULT_PORT = 6379  # `ray start --head`'s
+USAGE_STATS_VARIABLE = "RAY_USAGE_STATS_ENABLED"  # "0": no usage statistics (see `connected`)
 COLUMN = "mapped"  # the one column of the dataset's rows: a `Mapped`
 
 
@@ -147,9 +149,14 @@ def _cause(error: BaseException) -> str:
 
 @contextmanager
 def connected(address: str) -> Iterator[None]:
-    """This process connected to the Ray cluster at `address` (``local``: a new instance) for the block."""
+    """This process connected to the Ray cluster at `address` (``local``: a new instance) for the block.
+
+    Ray's usage statistics stay off unless ``RAY_USAGE_STATS_ENABLED`` says otherwise: an indexer of patients'
+    images reports to no one, and Ray Data's usage collector would otherwise leave a thread in this process
+    that polls a Prometheus server on localhost:9090 every 10 s until the process exits."""
     import ray
 
+    os.environ.setdefault(USAGE_STATS_VARIABLE, "0")
     options: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
     if address == "local":
         options["object_store_memory"] = LOCAL_OBJECT_STORE_BYTES

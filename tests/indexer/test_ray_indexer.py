@@ -69,6 +69,8 @@ def indexed(cluster, phantoms, tmp_path_factory):
 def test_the_cli_indexes_on_the_cluster_and_reports_the_failure(indexed):
     db, result = indexed
     assert result.exit_code == 0, result.output
+    # Usage statistics off: no thread left behind polling a Prometheus server (Ray Data's usage collector).
+    assert "data-usage-metrics-poller" not in {thread.name for thread in threading.enumerate()}
     assert "indexed 24, skipped 0 (already indexed), failed 1" in result.output
     assert "seconds per stage" in result.output and "failure report: cbmir db failures" in result.output
     failures = CliRunner().invoke(app, ["db", "failures", "--db", str(db)])
