@@ -89,7 +89,11 @@ def export_graph(checkpoint: Checkpoint, samples: np.ndarray, *, described: str)
     samples = np.array(samples)  # a writable copy (a memory-mapped cache is read-only, which torch warns of)
     model = checkpoint.model.eval().to("cpu")
     module = _GraphModule(model).eval()
-    graph = _export_bytes(module, torch.from_numpy(samples[: min(len(samples), 2)]))
+    names = [EMBEDDING_OUTPUT, *(head_output(head) for head in module.heads)]
+    try:
+        graph = export_module(module, torch.from_numpy(samples[: min(len(samples), 2)]), names)
+    except GraphError as error:
+        raise GraphError(f"{error}: use --runtime torch") from None
     agreement = compare(graph, module, samples)
     if not agreement.within_tolerance:
         raise GraphError(
@@ -102,7 +106,7 @@ def export_graph(checkpoint: Checkpoint, samples: np.ndarray, *, described: str)
         "sha256": hashlib.sha256(graph).hexdigest(),
         "weights_sha256": file_digest(folder / WEIGHTS_FILE)[1],
         "inputs": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "max_batch": MAX_GRAPH_BATCH},
-        "outputs": [EMBEDDING_OUTPUT, *(head_output(head) for head in module.heads)],
+        "outputs": names,
         "checked_on": f"{len(samples)} {described}",
         "max_abs_difference": {"embedding": agreement.embedding, "logits": agreement.logits},
         "tolerance": {"embedding": EMBEDDING_TOLERANCE, "logits": LOGIT_TOLERANCE},
@@ -134,10 +138,12 @@ def sample_inputs(records: Iterable[Record], pipeline: Preprocessing, count: int
     return np.stack(prepared)
 
 
-def _export_bytes(module: _GraphModule, example: torch.Tensor) -> bytes:
-    """The serialised graph, with the weights inside and a dynamic batch axis."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_GRAPH_BATCH)
-    names = [EMBEDDING_OUTPUT, *(head_output(head) for head in module.heads)]
+def export_module(
+    module: nn.Module, example: torch.Tensor, output_names: list[str], *, dynamic_batch: bool = True
+) -> bytes:
+    """`module` (one input, named `INPUT_NAME`) as a serialised ONNX graph with the weights inside; its batch
+    axis dynamic up to `MAX_GRAPH_BATCH`, or fixed at the example's. A `GraphError` when it cannot be exported."""
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=MAX_GRAPH_BATCH)},) if dynamic_batch else None
     quiet = io.StringIO()
     try:
         for attempt in range(1, _EXPORT_ATTEMPTS + 1):
@@ -147,9 +153,9 @@ def _export_bytes(module: _GraphModule, example: torch.Tensor) -> bytes:
                         module,
                         (example,),
                         dynamo=True,
-                        dynamic_shapes=({0: batch},),
+                        dynamic_shapes=dynamic_shapes,
                         input_names=[INPUT_NAME],
-                        output_names=names,
+                        output_names=output_names,
                         verbose=False,
                     )
                 break
@@ -158,7 +164,7 @@ def _export_bytes(module: _GraphModule, example: torch.Tensor) -> bytes:
                     raise
     except Exception as error:  # the exporter raises many kinds; each means this model cannot be exported
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GraphError(f"the model cannot be exported to ONNX ({first[:300]}): use --runtime torch") from None
+        raise GraphError(f"the model cannot be exported to ONNX ({first[:300]})") from None
     assert program is not None
     return program.model_proto.SerializeToString()
 

@@ -20,6 +20,7 @@ from cbmir.models import ModelError, create_model
 from cbmir.models.inference import images_to_tensor
 from cbmir.synthetic import write_synthetic_archive
 from cbmir.train import STATE_FILE, TrainConfig, TrainingError, make_config, train
+from cbmir.train.frozen import MIN_ONNX_VIEWS, TOLERANCE, FrozenPass
 from cbmir.train.state import write_state
 from tests.conftest import shared_path
 
@@ -295,3 +296,31 @@ def test_early_stopping_waits_patience_epochs_without_improvement(archive, tmp_p
     monkeypatch.setattr(loop, "evaluate_feed", lambda *args, **kwargs: (next(scripted), 0.5))
     checkpoint = train(open_dataset(archive), small_cnn(epochs=4, patience=1), tmp_path)
     assert len(checkpoint.card["training"]["history"]) == epochs_run
+
+
+@pytest.fixture(scope="module")
+def lite0_64():
+    return create_model("efficientnet-lite0-regional", {"label": 2}, pretrained=True, embedding_dim=32, input_size=64)
+
+
+def test_the_frozen_pass_runs_in_onnx_runtime_and_gives_torchs_numbers(lite0_64):
+    stage = 2  # the stem and two stages frozen: a quicker export than the default's six
+    frozen = FrozenPass(lite0_64, stage, torch.device("cpu"), views=MIN_ONNX_VIEWS, batch=16)
+    images = np.random.default_rng(0).integers(0, 256, (37, 64, 64, 3), dtype=np.uint8)
+    first = frozen(images[:16])  # torch's answer, and the graph checked against it
+    assert frozen.runtime == "ONNX Runtime"
+    in_torch = FrozenPass(lite0_64, stage, torch.device("cpu"), views=MIN_ONNX_VIEWS - 1, batch=16)
+    for chunk in (images[:16], images[16:32], images[32:]):  # the last one short of the graph's fixed batch
+        ours, theirs = frozen(chunk), in_torch(chunk)
+        assert in_torch.runtime == "torch" and [part.shape[0] for part in ours] == [len(chunk)] * 2
+        for got, expected in zip(ours, theirs, strict=True):
+            np.testing.assert_allclose(got, expected, atol=TOLERANCE * np.abs(expected).max(initial=1.0))
+    np.testing.assert_array_equal(first[0], in_torch(images[:16])[0])
+
+
+def test_a_frozen_graph_that_does_not_match_torch_is_not_used(lite0_64, monkeypatch, capsys):
+    monkeypatch.setattr("cbmir.train.frozen.TOLERANCE", 0.0)  # ONNX Runtime sums in another order: ~1e-6 apart
+    frozen = FrozenPass(lite0_64, 1, torch.device("cpu"), views=MIN_ONNX_VIEWS, batch=16)
+    images = np.random.default_rng(1).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
+    frozen(images)
+    assert frozen.runtime == "torch" and "its ONNX graph does not match torch" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from cbmir.models import ModelOutput, RadiographNet
 from cbmir.models.inference import images_to_tensor
 from cbmir.prepared import PreparedImages, fingerprint
 from cbmir.train.config import TrainConfig
+from cbmir.train.frozen import FrozenPass
 from cbmir.train.objective import Objective
 from cbmir.train.state import EpochRecord, write_state
 
@@ -241,32 +242,34 @@ def evaluate_feed(model: RadiographNet, feed: Feed, objective: Objective, batch_
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
+VIEW_BATCH = 16
+
+
 def _view_chunks(
-    images: np.ndarray, views: int, config: TrainConfig, device: torch.device, desc: str
-) -> Iterator[tuple[int, slice, torch.Tensor]]:
-    """(view, rows, input tensor) in chunks of the images: view 0 plain, the others seeded augmentations."""
-    batch = 16
+    images: np.ndarray, views: int, config: TrainConfig, desc: str
+) -> Iterator[tuple[int, slice, np.ndarray]]:
+    """(view, rows, prepared images) in chunks of `VIEW_BATCH`: view 0 plain, the others seeded augmentations."""
     progress = tqdm(total=views * len(images), desc=desc, unit="img")
     for view in range(views):
         rng = np.random.default_rng(epoch_seed(config.seed, "views", view))
-        for start in range(0, len(images), batch):
-            chunk = np.asarray(images[start : start + batch])
+        for start in range(0, len(images), VIEW_BATCH):
+            chunk = np.asarray(images[start : start + VIEW_BATCH])
             if view:
                 chunk = np.stack([augment(image, rng, config.rotation) for image in chunk])
-            yield view, slice(start, start + len(chunk)), images_to_tensor(chunk, device)
+            yield view, slice(start, start + len(chunk)), chunk
             progress.update(len(chunk))
     progress.close()
 
 
-@torch.inference_mode()
 def trunk_feature_views(
     model: RadiographNet, images: np.ndarray, views: int, config: TrainConfig, device: torch.device, desc: str
 ) -> np.ndarray:
     """views x N x D trunk features: view 0 of the plain images, the others of seeded augmentations."""
     model.eval()
+    frozen = FrozenPass(model, None, device, views * len(images), VIEW_BATCH)
     result = np.zeros((views, len(images), model.trunk_dim), np.float32)
-    for view, rows, x in _view_chunks(images, views, config, device, desc):
-        result[view, rows] = model.trunk_features(x).float().cpu().numpy()
+    for view, rows, chunk in _view_chunks(images, views, config, desc):
+        (result[view, rows],) = frozen(chunk)
     return result
 
 
@@ -283,7 +286,6 @@ class StageViews:
         return torch.from_numpy(self.activations[views, rows]).float(), torch.from_numpy(self.pooled[views, rows])
 
 
-@torch.inference_mode()
 def stage_views(
     model: RadiographNet,
     images: np.ndarray,
@@ -295,10 +297,11 @@ def stage_views(
 ) -> StageViews:
     """`StageViews` of the images entering trunk stage `stage`: view 0 plain, the others seeded augmentations."""
     model.eval()
+    frozen = FrozenPass(model, stage, device, views * len(images), VIEW_BATCH)
     activations: np.ndarray | None = None
     pooled: np.ndarray | None = None
-    for view, rows, x in _view_chunks(images, views, config, device, desc):
-        activation, descriptors = (part.float().cpu().numpy() for part in model.trunk_start(x, stage))
+    for view, rows, chunk in _view_chunks(images, views, config, desc):
+        activation, descriptors = frozen(chunk)
         if activations is None or pooled is None:
             activations = np.zeros((views, len(images), *activation.shape[1:]), np.float16)
             pooled = np.zeros((views, len(images), descriptors.shape[1]), np.float32)

@@ -230,8 +230,7 @@ def final_trunk_features(
     if staged is not None:
         plain = StageViews(staged.train.activations[:1], staged.train.pooled[:1])
         return features_from_stage(model, plain, staged.stage)[0]
-    with torch.inference_mode():
-        return trunk_feature_views(model, part.images, 1, views.config, views.device, "trunk features (trained)")[0]
+    return trunk_feature_views(model, part.images, 1, views.config, views.device, "trunk features (trained)")[0]
 
 
 # Real images the exported graph is checked on against torch.
