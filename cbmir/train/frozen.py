@@ -7,7 +7,7 @@ a core (torch's thread pool does not). The graph is exported for the run (into m
 only a faster way to the same numbers: it is used only when, on the first batch, its outputs differ from
 torch's by at most `TOLERANCE` (relative to the largest value); a model the exporter cannot handle, or a
 graph that does not match, leaves the pass in torch, with a note. Below `MIN_ONNX_VIEWS` views the export
-(about 10 s) would cost more than it saves, and the pass stays in torch.
+(10-15 s on this machine) would cost more than it saves, and the pass stays in torch.
 """
 
 from __future__ import annotations
