@@ -67,7 +67,7 @@ class FrozenPass:
 
     @torch.inference_mode()
     def _torch(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        outputs = self.part(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).to(self.device))
+        outputs = self.part(torch.from_numpy(np.array(images, dtype=np.uint8)).to(self.device))  # a writable copy
         return tuple(output.float().cpu().numpy() for output in outputs)
 
     def _checked_session(self, images: np.ndarray, expected: tuple[np.ndarray, ...]) -> Any:
