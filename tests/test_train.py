@@ -202,12 +202,20 @@ def test_multi_label_training_reports_roc_auc(archive, tmp_path):
     assert set(report["findings"]["per_class"]) == {"Effusion", "Mass"}
 
 
-def test_the_irma_threshold_is_chosen_on_validation_with_the_code_tables(archive, tmp_path):
+@pytest.mark.parametrize("enough", [True, False])
+def test_the_irma_threshold_is_chosen_on_enough_validation_images_with_the_code_tables(
+    archive, tmp_path, monkeypatch, enough
+):
     tables = CodeTables.load(shared_path("irma-code-tables"))
+    if enough:
+        monkeypatch.setattr("cbmir.evaluate.MIN_THRESHOLD_IMAGES", 1)
     checkpoint = train(open_dataset(archive), small_cnn(epochs=1, hierarchy_weight=0.5), tmp_path, tables=tables)
     assert checkpoint.card["training"]["config"]["hierarchy_weight"] == 0.5  # the tables weigh the wrong codes
-    assert 0.0 <= checkpoint.card["irma_threshold"] < 1.0
-    assert "validation images" in checkpoint.card["irma_threshold_note"]
+    note = checkpoint.card["irma_threshold_note"]
+    if enough:
+        assert 0.0 <= checkpoint.card["irma_threshold"] < 1.0 and note.startswith("chosen on")
+    else:  # the phantoms' few validation images
+        assert checkpoint.card["irma_threshold"] == 0.0 and "too few to choose a threshold on" in note
     assert "mean_error_score" in checkpoint.card["metrics"]["test"]
 
 
