@@ -28,8 +28,8 @@ class EvaluationError(CbmirError):
 # Candidate thresholds for stopping an IRMA axis early with '*'.
 THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # Fewer validation images than this choose no threshold. On the ~40 of an irma2007-dev fold, 5 of 8 trained
-# models (5 folds, 3 more seeds of one) chose 0.6-0.7: on their test fold that moved the error score by -0.004
-# to +0.007 (mean +0.001) and cut full-code accuracy by 0.05-0.12 each ('*' is never right).
+# models (5 folds, 3 more seeds of one) chose 0.6-0.7: on their test fold that moved the error score by -0.007
+# to +0.007 (mean 0.000) and cut full-code accuracy by 0.05-0.12 each ('*' is never right).
 MIN_THRESHOLD_IMAGES = 200
 
 
