@@ -183,8 +183,8 @@ class Prediction:
 
 # Blending a prediction with the known labels of the nearest indexed images: half the model's probabilities,
 # half the neighbours' votes weighted by exp(similarity / 0.05). Over 5 folds of irma2007-dev (the finetune
-# default, the 10 nearest gallery images; BENCHMARKS.md) full-code accuracy 0.732 -> 0.755 and the error score
-# 0.054 -> 0.048; on kermany-600x2 accuracy 0.972 either way. (Chosen from weights 0.25 / 0.5 / 0.75,
+# default, the 10 nearest gallery images; BENCHMARKS.md) full-code accuracy 0.755 -> 0.772 and the error score
+# 0.054 -> 0.049; on kermany-600x2 accuracy 0.972 either way. (Chosen from weights 0.25 / 0.5 / 0.75,
 # temperatures 0.05 and none, 5 / 10 / 20 neighbours, on those folds.)
 NEIGHBOUR_WEIGHT = 0.5
 NEIGHBOUR_TEMPERATURE = 0.05

@@ -1,10 +1,10 @@
 """The service's ASGI middlewares, outermost first: `BodyTimeout`, `SecurityHeaders`, then the access gate
 (`cbmir.service.access.GateMiddleware`) and `UploadLimits`.
 
-All are plain ASGI: they look at the request's scope and at the response's start message, and pass the body
-through untouched. (Starlette's `BaseHTTPMiddleware` re-streams every response body through a memory pipe
-per middleware; once, under load, a page behind three of them stopped half-sent: "Too little data for
-declared Content-Length".)
+All are plain ASGI: they look at the request's scope and at the response's start message (and may answer in
+the app's place), and never re-stream a body. (Starlette's `BaseHTTPMiddleware` re-streams every response
+body through a memory pipe per middleware; once, under load, a page behind three of them stopped half-sent:
+"Too little data for declared Content-Length".)
 
 `BodyTimeout`: a request body that stops arriving is answered 408 instead of holding its connection (and the
 request) until the client gives up: each part of the body must come within the timeout of the one before.
