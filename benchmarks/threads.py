@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cbmir.datasets import load_pixels
 from cbmir.embed import Embedder, set_threads
-from cbmir.graph import EMBEDDING_OUTPUT, INPUT_NAME, graph_for, head_output
+from cbmir.graph import EMBEDDING_OUTPUT, INPUT_NAME, graph_for, head_output, session_options
 from common import (
     DEFAULT_MODEL_NAME,
     RESULTS,
@@ -77,12 +77,7 @@ def label(setting: dict) -> str:
 def onnx_session(graph: Path, threads: int, spinning: bool):
     import onnxruntime
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    options = session_options(threads, spinning)
     return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
 

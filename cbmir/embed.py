@@ -46,7 +46,15 @@ import numpy as np
 
 from cbmir.checkpoint import Checkpoint, load_checkpoint
 from cbmir.errors import CbmirError
-from cbmir.graph import EMBEDDING_OUTPUT, INPUT_NAME, MAX_GRAPH_BATCH, GraphError, graph_for, head_output
+from cbmir.graph import (
+    EMBEDDING_OUTPUT,
+    INPUT_NAME,
+    MAX_GRAPH_BATCH,
+    GraphError,
+    graph_for,
+    head_output,
+    session_options,
+)
 from cbmir.imaging.preprocess import Preprocessing
 from cbmir.labels import LabelSchema, Prediction, decode_predictions, probabilities_from_logits
 from cbmir.stamp import ModelStamp
@@ -122,12 +130,7 @@ class _OnnxRunner:
             raise RuntimeUnavailableError(
                 "ONNX Runtime is not installed: `pip install onnxruntime` (or use --runtime torch)"
             ) from None
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options = session_options(threads or os.cpu_count() or 1)
         available = onnxruntime.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:

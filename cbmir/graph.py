@@ -11,6 +11,7 @@ both still match, so a graph of other weights, or a foreign or damaged file, is 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from cbmir.checkpoint import WEIGHTS_FILE, Checkpoint
 from cbmir.errors import CbmirError
@@ -25,6 +26,22 @@ MAX_GRAPH_BATCH = 1024
 
 class GraphError(CbmirError):
     """A checkpoint's ONNX graph that is missing, stale (other weights), damaged, or does not match torch."""
+
+
+def session_options(threads: int, spinning: bool = False) -> Any:
+    """ONNX Runtime's options for a cbmir session (inference and training's frozen pass alike): `threads`
+    intra-op threads, one inter-op thread, sequential execution, and no spinning unless asked, so a waiting
+    pool never steals a core from the other work or process beside it (measured: BENCHMARKS.md "threads")."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    spin = "1" if spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return options
 
 
 def head_output(head: str) -> str:

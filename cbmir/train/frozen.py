@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cbmir.export import export_module
-from cbmir.graph import INPUT_NAME, GraphError
+from cbmir.graph import INPUT_NAME, GraphError, session_options
 from cbmir.models import RadiographNet
 
 TOLERANCE = 1e-4
@@ -83,8 +83,7 @@ class FrozenPass:
         except GraphError as error:
             tqdm.write(f"note: the frozen trunk runs in torch: {error}")
             return None
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
+        options = session_options(torch.get_num_threads())
         session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         for ours, theirs in zip(_run(session, images, self.batch), expected, strict=True):
             difference, scale = np.abs(ours - theirs).max(initial=0.0), np.abs(theirs).max(initial=1.0)
