@@ -2,7 +2,7 @@
 Runtime when it can, else in torch.
 
 This pass is the largest part of a default training run, and on 2 cores ONNX Runtime runs the frozen stages
-of the default trunk about 3x as fast as torch eager, and keeps most of its speed while another process holds
+of the default trunk about twice as fast as torch eager, and keeps most of its speed while another process holds
 a core (torch's thread pool does not). The graph is exported for the run (into memory, never saved) and is
 only a faster way to the same numbers: it is used only when, on the first batch, its outputs differ from
 torch's by at most `TOLERANCE` (relative to the largest value); a model the exporter cannot handle, or a
