@@ -31,7 +31,9 @@ the dataset's own split, if any, is not used) and the main run is repeated once 
 the other folds as on an archive with a train/test split (a stratified tenth of them kept back for
 validation), all of them are the gallery and the fold's images the queries. Every figure is reported as its
 mean, standard deviation and range over the folds, beside the model's full-code accuracy and the training
-time of each fold, in a section of its own (no refinement).
+time of each fold, in a section of its own (no refinement). `--set NAME=VALUE` (repeatable, folds only) trains
+with that training setting changed from the CPU default, e.g. `--set input_size=288`; such a run is
+published in a section named after its settings, beside the default's, never in its place.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from cbmir.irma import AXES, CodeTables, IrmaCode, run_error_score
 from cbmir.prepared import prepare_images
 from cbmir.refine import Feedback, Region
 from cbmir.search import BLENDED_NEIGHBOURS, Retrieval
-from cbmir.train import TrainConfig, make_config, train
+from cbmir.train import TrainConfig, TrainingError, make_config, train
 from common import frozen_features, run_and_publish, saved_figure
 from indexer.pipeline import index_records
 
@@ -221,9 +223,10 @@ def trained(args, dataset, tables: CodeTables | None, work: Path, *, fresh: bool
         print(f"reusing the model in {folder}")
         return load_checkpoint(folder), None
     shutil.rmtree(folder, ignore_errors=True)
-    print(f"training on {dataset.name} ({len(dataset.records)} images, {args.mode} mode)")
+    print(f"training on {dataset.name} ({len(dataset.records)} images, {model_description(args.mode, args.set)})")
     started = time.time()
-    checkpoint = train(dataset, make_config(mode=args.mode, split=SPLIT, seed=args.seed), folder, tables=tables)
+    config = make_config(mode=args.mode, split=SPLIT, seed=args.seed, **args.set)
+    checkpoint = train(dataset, config, folder, tables=tables)
     return checkpoint, time.time() - started
 
 
@@ -335,6 +338,25 @@ def measure(
         "classifier_accuracy": accuracy(engine["predicted"]),
         "blended_accuracy": accuracy(engine["blended"]),
     }
+
+
+def model_description(mode: str, changed: dict[str, object]) -> str:
+    """'the default CPU model (finetune mode)', or with settings changed from it, which."""
+    if not changed:
+        return f"the default CPU model ({mode} mode)"
+    settings = ", ".join(f"{name} {json.dumps(value)}" for name, value in changed.items())
+    return f"the CPU default with {settings} ({mode} mode)"
+
+
+def setting_value(text: str) -> tuple[str, object]:
+    """NAME=VALUE from the command line: VALUE as JSON (numbers, true/false, lists), else as text."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
 
 
 def setting(summary: dict) -> str:
@@ -462,9 +484,15 @@ def plot(summary: dict, path: Path) -> None:
 FOLDS_NAME = "retrieval-folds"
 
 
-def folds_section(dataset: Path) -> str:
-    """The BENCHMARKS.md section (and results file names) of a folds run: one per dataset folder."""
-    return f"{FOLDS_NAME}-{dataset.name}"
+def folds_section(dataset: Path, changed: dict[str, object]) -> str:
+    """The BENCHMARKS.md section (and results file names) of a folds run: one per dataset folder and set of
+    training settings changed from the default."""
+
+    def text(value: object) -> str:
+        return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+    suffix = "".join(f"-{name}={text(value)}" for name, value in changed.items())
+    return f"{FOLDS_NAME}-{dataset.name}{suffix}"
 
 
 def fold_of(records: list[Record], folds: int, seed: int) -> dict[str, int]:
@@ -554,12 +582,13 @@ def run_folds(args) -> dict:
         for method, kinds in per_fold[0]["error_scores"].items()
     }
     return {
-        "section": folds_section(args.dataset),
+        "section": folds_section(args.dataset, args.set),
         "dataset": dataset.name,
         "images": len(records),
         "folds": args.folds,
         "seed": args.seed,
         "mode": args.mode,
+        "changed_settings": args.set,
         "irma": checkpoint.schema.task == "irma-axes",
         "tables": tables is not None,
         "runtime": per_fold[0]["runtime"],
@@ -581,7 +610,8 @@ def folds_markdown(summary: dict) -> str:
             f"Dataset `{summary['dataset']}`, its {summary['images']} images dealt into {summary['folds']} folds "
             f"stratified by label (seed {summary['seed']}; queries per fold: "
             + " / ".join(str(done["queries"]) for done in folds)
-            + f"). For each fold, the default CPU model ({summary['mode']} mode) trained on the other folds (a "
+            + f"). For each fold, {model_description(summary['mode'], summary.get('changed_settings', {}))} "
+            "trained on the other folds (a "
             f"stratified {SPLIT[1]:.0%} of them kept back for validation), all of their images indexed as the "
             "gallery, and the fold's images query it, never in the gallery and never trained on. Training took "
             + ", ".join(f"{done['train_seconds']:.0f}" for done in folds)
@@ -937,7 +967,26 @@ def main() -> None:
         choices=("refine",),
         help="run one part alone: refine (by example and by region), with the model an earlier run left in WORK",
     )
+    parser.add_argument(
+        "--set",
+        type=setting_value,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="with --folds: a training setting changed from the CPU default (repeatable), e.g. input_size=288",
+    )
     args = parser.parse_args()
+    args.set = dict(args.set)
+    if args.set:
+        if args.folds is None:
+            parser.error("--set goes with --folds (a single split publishes the default's figures only)")
+        owned = sorted(set(args.set) & {"mode", "seed", "split"})
+        if owned:
+            parser.error(f"--set {owned[0]}: the benchmark sets it (use --mode and --seed; the split is its own)")
+        try:
+            make_config(mode=args.mode, **args.set)
+        except TrainingError as error:
+            parser.error(f"--set: {error}")
     if args.folds is not None:
         if args.folds < 2:
             parser.error(f"--folds needs at least 2 folds, got {args.folds}")
@@ -950,7 +999,7 @@ def main() -> None:
     if (args.dataset is None) == (args.gallery is None):
         parser.error("give either DATASET or --gallery and --queries")
     if args.folds is not None:
-        section = folds_section(args.dataset)
+        section = folds_section(args.dataset, args.set)
         run_and_publish(section, run_folds, args, plot=folds_plot, plot_file=f"{section}.png", markdown=folds_markdown)
         return
     if args.only is None:

@@ -64,7 +64,9 @@ class TrainConfig:
     class_balance: ClassBalance = "sqrt"
     contrastive_weight: float = 0.5  # supervised contrastive loss on the embedding, beside classification
     label_smoothing: float = 0.0
-    hierarchy_weight: float = 0.0  # IRMA axes, with code tables: weight of the expected hierarchical error
+    # IRMA axes, with code tables: weight of the expected hierarchical error. At 0.5, on the first 3 of the 5 folds
+    # of irma2007-dev (ad hoc): classifier full-code accuracy 0.728 vs 0.751 without, error score 0.055 vs 0.051.
+    hierarchy_weight: float = 0.0
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # for datasets without their own split
     seed: int = 0
 
