@@ -14,6 +14,11 @@ A search's prediction is the model's, blended with the known labels (true codes,
 vote beside the model (`cbmir.labels.blend_with_neighbours`). An indexed image searched again meets itself
 first, its own known code weighing most. Stored predictions stay the model's own, so that an index
 does not depend on the order its images were added in.
+
+A query is embedded once, as given. Measured over the 5 folds of irma2007-dev and not done (ad hoc): averaging
+the query's vectors and probabilities over itself and three crops of 6% margins (no mirror flips: left and
+right are part of the code) gave full-code P@1 0.783 vs 0.788 and the same classifier accuracy (0.755);
+expanding the query with its first neighbour, +0.008 at P@10 and nothing at P@1.
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ class TrainConfig:
     model: str = "efficientnet-lite0-regional"
     task: TaskChoice = "auto"
     preset: str = "constant-enhanced"
-    input_size: int | None = None  # default: the model's own input size
+    # Default: the model's own input size. Over the 5 folds of irma2007-dev (ad hoc), the default trunk at 288 px
+    # instead of 224: full-code P@1 0.792 vs 0.788, classifier accuracy 0.745 vs 0.755, in 1.4x the training time.
+    input_size: int | None = None
     pretrained: str = "packaged"  # packaged (the model's shipped weights, if any), none, or a trunk weights file
     embedding_dim: int | None = 512  # width of the embedding layer (neck); None: the model's default
     # Projections of the trunk's features searched beside the neck's output (RadiographNet.keep_trunk; 0: none):
@@ -63,6 +65,7 @@ class TrainConfig:
     rotation: float = 10.0  # augmentation: largest rotation in degrees (also +-8% scale, +-4% shift, contrast)
     class_balance: ClassBalance = "sqrt"
     contrastive_weight: float = 0.5  # supervised contrastive loss on the embedding, beside classification
+    # 0.1 over the 5 folds of irma2007-dev (ad hoc): classifier accuracy 0.749 vs 0.755, full-code P@1 0.785 vs 0.788.
     label_smoothing: float = 0.0
     # IRMA axes, with code tables: weight of the expected hierarchical error. At 0.5, on the first 3 of the 5 folds
     # of irma2007-dev (ad hoc): classifier full-code accuracy 0.728 vs 0.751 without, error score 0.055 vs 0.051.
