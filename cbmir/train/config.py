@@ -36,8 +36,9 @@ class TrainConfig:
     model: str = "efficientnet-lite0-regional"
     task: TaskChoice = "auto"
     preset: str = "constant-enhanced"
-    # Default: the model's own input size. Over the 5 folds of irma2007-dev (ad hoc), the default trunk at 288 px
-    # instead of 224: full-code P@1 0.792 vs 0.788, classifier accuracy 0.745 vs 0.755, in 1.4x the training time.
+    # Default: the model's own input size. Over the 5 folds of irma2007-dev (BENCHMARKS.md, the input_size=288
+    # section), the default trunk at 288 px instead of 224: full-code P@1 0.792 vs 0.788, classifier accuracy 0.745
+    # vs 0.755, in about 1.4x the training time (190-237 s per fold of 520).
     input_size: int | None = None
     pretrained: str = "packaged"  # packaged (the model's shipped weights, if any), none, or a trunk weights file
     embedding_dim: int | None = 512  # width of the embedding layer (neck); None: the model's default
